@@ -1,0 +1,42 @@
+# Two commands on a fresh machine (python3, pip, gcc): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test build bench bench-full annotate clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Reinstall when any source the build reads changes.
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd protocols/*.pyx protocols/*.pxd)
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+build: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/yikatong demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests bench --benchmark-disable -p no:cacheprovider
+
+# CI-sized benchmarks (small sizes), with the figures printed.
+bench: $(STAMP)
+	YIKATONG_BENCH_SIZE=small $(PY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,ops -p no:cacheprovider
+
+# Full-size benchmarks for bench/README.md.
+bench-full: $(STAMP)
+	YIKATONG_BENCH_SIZE=full $(PY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,ops -p no:cacheprovider
+
+# HTML annotation of the Cython modules (cython -a): white lines are pure C.
+annotate: $(STAMP)
+	$(VENV)/bin/cython -3 -a -I engine -I protocols -I ledger engine/*.pyx protocols/*.pyx ledger/*.pyx 2>/dev/null || true
+	@ls -1 engine/*.html protocols/*.html ledger/*.html 2>/dev/null
+
+clean:
+	rm -rf build *.egg-info $(VENV) engine/*.c engine/*.so ledger/*.c ledger/*.so protocols/*.c protocols/*.so

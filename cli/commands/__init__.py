@@ -1,0 +1,1 @@
+"""Sub-commands of `yikatong`, one module each (discovered by yikatong.main)."""

@@ -1,0 +1,13 @@
+"""`yikatong demo`: what `make demo` runs."""
+
+
+def register(sub):
+    p = sub.add_parser("demo", help="build the demo node, replay DOMAIN.md cases A–D, run a load")
+    p.add_argument("--settlements", type=int, default=1_000_000, help="generated settlements to apply")
+    p.add_argument("--cards", type=int, default=100_000, help="generated cards (DEMO.md)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from ..demo_run import run_demo
+    return run_demo(args)

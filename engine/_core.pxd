@@ -1,0 +1,286 @@
+# cython: language_level=3
+"""The engine's C contract: request, result and transaction layouts, and the state the apply
+loop reads. Other extensions (codec, ledger) `cimport` these; Python mirrors each struct with a
+numpy dtype in yikatong.engine.layouts, whose size and offsets are asserted at import.
+
+Conventions:
+  * money is int64 fen; a *leg* is what an account paid: positive = debited from the account,
+    negative = credited back to it (a refund, a cancel, a reversal);
+  * response codes are two ASCII characters packed little-endian in a uint16 ("51" = '5'|'1'<<8),
+    so a numpy view as 'S2' prints them;
+  * dates are YYYYMMDD (business date) or MMDD (wire fields 13, 15, 61.3).
+"""
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+# ---- command kinds (Request.cmd) -------------------------------------------------------------
+# 1..31 financial and medical (PROTOCOL.md §3); 32..63 card lifecycle and money-in (issue 6).
+cdef enum:
+    CMD_BALANCE = 1          # 0200 31xx00 60.1=01
+    CMD_PURCHASE = 2         # 0200 000000 60.1=22   (reversible)
+    CMD_VOID = 3             # 0200 200000 60.1=23   (reversible)
+    CMD_REFUND = 4           # 0220 200000 60.1=25
+    CMD_MED_SETTLE = 5       # 0200 000000 60.1=81   (reversible)
+    CMD_MED_CANCEL = 6       # 0200 200000 60.1=82   (reversible)
+    CMD_MED_PRESETTLE = 7    # 0200 300000 60.1=83   (computes, posts nothing)
+    CMD_DEPOSIT = 8          # 0200 210000 60.1=91   (reversible)
+    CMD_WITHDRAW = 9         # 0200 010000 60.1=92   (reversible)
+    CMD_TRANSFER = 10        # 0200 400000 60.1=93   (reversible)
+    CMD_REVERSAL = 11        # 0400, any reversible command
+    CMD_ISSUE = 32           # issuance (制卡): creates the card
+    CMD_FAMILY_BIND = 40     # 家庭共济: pan2 (payer) pays for pan (beneficiary)
+    CMD_FAMILY_UNBIND = 41
+    CMD_MAX = 63
+
+
+# ---- response codes (PROTOCOL.md §4), two ASCII chars little-endian -------------------------
+cdef enum:
+    RC_00 = 0x3030
+    RC_03 = 0x3330
+    RC_05 = 0x3530
+    RC_10 = 0x3031
+    RC_12 = 0x3231
+    RC_13 = 0x3331
+    RC_14 = 0x3431
+    RC_25 = 0x3532
+    RC_30 = 0x3033
+    RC_41 = 0x3134
+    RC_43 = 0x3334
+    RC_51 = 0x3135
+    RC_54 = 0x3435
+    RC_55 = 0x3535
+    RC_57 = 0x3735
+    RC_58 = 0x3835
+    RC_61 = 0x3136
+    RC_62 = 0x3236
+    RC_64 = 0x3436
+    RC_75 = 0x3537
+    RC_77 = 0x3737
+    RC_94 = 0x3439
+    RC_96 = 0x3639
+    RC_97 = 0x3739
+    RC_99 = 0x3939
+    RC_A0 = 0x3041
+
+# ---- Request.flags --------------------------------------------------------------------------
+cdef enum:
+    REQ_AU = 1               # 62.AU: the insurance account may pay (default on)
+    REQ_PA = 2               # 62.PA: partial approval allowed
+    REQ_FP = 4               # 62.FP present: fund amount computed by the platform
+    REQ_PIN = 8              # field 52 present: pin_pvv holds its verification value
+    REQ_PIN_REPLAY_OK = 16   # journal replay: the PIN was checked live and was right
+    REQ_PIN_REPLAY_BAD = 32  # journal replay: the PIN was checked live and was wrong
+
+# ---- Result.outcome_flags -------------------------------------------------------------------
+cdef enum:
+    RES_POSTED = 1           # balances or accumulators changed
+    RES_DUPLICATE = 2        # repeat of a processed key: the stored answer, no effect
+    RES_ADMISSION = 4        # counted one admission (per-admission deductible)
+    RES_CUMULATIVE = 8       # deductible_fen was added to the yearly cumulative deductible
+    RES_TOMBSTONE = 16       # reversal of an unknown original: key tombstoned
+    RES_NO_POLICY = 32       # no policy for the card's (region, type, person, visit, level)
+
+# ---- card status and flags ------------------------------------------------------------------
+cdef enum:
+    CARD_EMPTY = 0
+    CARD_ISSUED = 1          # issued, social function not activated yet
+    CARD_ACTIVE = 2
+    CARD_TEMP_LOST = 3       # 临时挂失: lapses after the region's number of days
+    CARD_LOST = 4            # 正式挂失
+    CARD_REPLACED = 5        # 补换卡: the old card of a replacement
+    CARD_CANCELLED = 6       # 注销
+
+cdef enum:
+    CF_FIN_ACTIVE = 1        # financial function activated
+    CF_SOCIAL_PIN = 2        # social PIN enabled (changed from the initial value)
+    CF_STOLEN = 4            # reported stolen (answers 43)
+
+# ---- institution kinds ----------------------------------------------------------------------
+cdef enum:
+    INST_HOSPITAL = 1
+    INST_PHARMACY = 2
+    INST_BANK = 3            # bank counter: deposit, withdrawal, transfer
+    INST_MERCHANT = 4        # ordinary merchant: purchase only
+
+# ---- transaction states (Txn.state) ---------------------------------------------------------
+cdef enum:
+    TXN_OPEN = 0
+    TXN_UNDONE = 1           # voided (purchase) or cancelled (medical settlement)
+    TXN_REVERSED = 2
+    TXN_TOMBSTONE = 3        # a reversal arrived before (or without) its original
+
+# Visit kinds index the dense policy table: 0 = outpatient 11, 1 = chronic 14, 2 = inpatient 21,
+# 3 = pharmacy 41.
+cdef enum:
+    VISIT_KINDS = 4
+    LEVELS = 4               # hospital level 0 (none) .. 3
+    BANDS_MAX = 4
+
+# ---- the layouts ----------------------------------------------------------------------------
+# One incoming message, decoded. 160 bytes. Fields a command does not use are zero.
+ctypedef struct Request:
+    uint64_t pan_hash          # keyed hash of the card's PAN (field 2 / 35); never the PAN
+    uint64_t pan2_hash         # transfer: receiving card's PAN hash (field 48)
+    uint64_t idem_key          # hash of MTI class + 32 + 41 + 42 + 11 + 60.2 + 13 (§3.2)
+    uint64_t content_hash      # hash of the rest of the content: same key, other content → 94
+    uint64_t person_hash       # lifecycle: keyed hash of the 社会保障号码
+    uint64_t orig_rrn          # void / cancel / refund: field 37 of the original
+    int64_t amount_fen         # field 4 (medical: the total bill 医疗费总额); ISSUE: insurance opening
+    int64_t fo_fen             # 62.FO fully self-paid (全自费)
+    int64_t ol_fen             # 62.OL over price limit (超限价)
+    int64_t ps_fen             # 62.PS first self-paid class B part (先行自付)
+    int64_t is_fen             # 62.IS in scope (符合范围)
+    int64_t fp_fen             # 62.FP fund amount given by the platform (with REQ_FP)
+    int64_t amount2_fen        # ISSUE: financial opening balance
+    uint32_t pin_pvv           # verification value of the PIN in field 52 (with REQ_PIN); ISSUE: bank PVV
+    uint32_t pin_pvv_new       # ISSUE: social PVV; PIN change: the new PIN's PVV
+    int32_t terminal_index     # terminal registry slot (field 41), -1 unknown
+    int32_t institution_index  # institution registry slot (field 42), -1 unknown
+    uint32_t stan              # field 11
+    uint32_t batch_no          # 60.2
+    uint32_t orig_stan         # 61: original STAN
+    uint32_t orig_batch        # 61: original batch
+    uint32_t local_time        # field 12 hhmmss
+    uint32_t region_code       # ISSUE: 6-digit region (参保地)
+    uint16_t local_date        # field 13 MMDD
+    uint16_t orig_date         # 61: original date MMDD
+    uint16_t pan_last4         # last four digits of the PAN, as a number
+    uint16_t pre_code          # response decided before the engine (30, A0, 97, 77, 99), 0 = none
+    uint16_t ins_type          # ISSUE: insurance type code (险种, e.g. 310)
+    uint16_t expiry_yymm       # ISSUE: card expiry
+    uint8_t cmd                # CMD_*
+    uint8_t flags              # REQ_*
+    uint8_t med_type           # 62.MT: 11, 14, 21, 41; ISSUE: initial status CARD_*
+    uint8_t acct_type          # balance inquiry: 10, 91, 0 = both; ISSUE: person type (0 in service, 1 retired) | card flags << 4
+
+# What the engine answers for one request. 128 bytes.
+ctypedef struct Result:
+    uint64_t rrn               # retrieval reference number (field 37), assigned by the engine
+    uint64_t orig_rrn          # the original's RRN (void, cancel, refund, reversal, duplicate)
+    int64_t amount_fen         # the command's amount as posted (field 4)
+    int64_t fund_fen           # pooled fund (统筹基金) pays
+    int64_t deductible_fen     # deductible (起付线) applied
+    int64_t ins_leg_fen        # the card's insurance personal account paid
+    int64_t aid_leg_fen        # the family-aid payer's insurance account paid (家庭共济)
+    int64_t fin_leg_fen        # the financial account paid (negative: credited)
+    int64_t cash_fen           # cash still to collect (partial approval)
+    int64_t ins_balance_fen    # insurance balance after
+    int64_t fin_balance_fen    # financial balance after
+    int64_t other_balance_fen  # aid payer's insurance balance, or transfer receiver's financial balance, after
+    int32_t card_slot          # -1 when no card was read
+    int32_t other_slot         # aid payer or transfer receiver, -1 none
+    uint32_t business_date     # YYYYMMDD the engine applied it under
+    uint32_t auth_code         # field 38 (6 digits) on approvals, 0 otherwise
+    uint16_t code              # response code (two ASCII chars)
+    uint8_t cmd                # echo of Request.cmd
+    uint8_t pin_outcome        # 0 no PIN checked, 1 right, 2 wrong
+    uint8_t outcome_flags      # RES_*
+    uint8_t acc_group          # accumulator group used (0 outpatient, 1 inpatient)
+    uint16_t reserved0
+    int64_t reserved1
+
+# One processed message in the bounded transaction table: idempotency, reversal matching,
+# originals of void / cancel / refund. 168 bytes.
+ctypedef struct Txn:
+    uint64_t idem_key
+    uint64_t content_hash
+    uint64_t rev_key           # (terminal, batch, stan) of a reversible command, or a tombstone
+    uint64_t rrn
+    uint64_t orig_rrn
+    int64_t amount_fen
+    int64_t fund_fen
+    int64_t deductible_fen
+    int64_t ins_leg_fen
+    int64_t aid_leg_fen
+    int64_t fin_leg_fen
+    int64_t cash_fen
+    int64_t refunded_fen
+    int64_t ins_balance_fen
+    int64_t fin_balance_fen
+    int64_t other_balance_fen
+    int32_t card_slot
+    int32_t other_slot
+    uint32_t business_date
+    uint32_t stan
+    uint32_t batch_no
+    int32_t terminal_index
+    uint32_t auth_code
+    uint16_t code
+    uint8_t cmd
+    uint8_t state
+    uint8_t outcome_flags
+    uint8_t acc_group
+    uint8_t reserved0[6]
+
+# A medical policy (参保地政策) row.
+ctypedef struct Policy:
+    int64_t deductible_first_fen   # per admission: first admission; per year: the yearly amount
+    int64_t deductible_later_fen   # per admission: later admissions of the year
+    int64_t cap_fen                # annual cap (封顶线) on the fund
+    int64_t band_upper_fen[BANDS_MAX]  # band k covers [upper[k-1], upper[k]] on the in-scope axis
+    uint32_t band_ratio_bp[BANDS_MAX]  # ratio in basis points (8500 = 85%)
+    uint8_t band_count
+    uint8_t per_admission          # 1: deductible per admission; 0: cumulative per year
+    uint8_t acc_group              # 0 outpatient group, 1 inpatient group
+    uint8_t fund_pays              # 0: the fund pays nothing (pharmacy)
+    uint8_t reserved0[4]
+
+# Raw pointers into the engine's numpy arrays, refreshed before each batch.
+ctypedef struct State:
+    # cards: one slot each
+    int64_t card_count
+    int64_t card_capacity
+    uint64_t* pan_hash
+    uint64_t* person_hash
+    int64_t* ins_balance_fen
+    int64_t* fin_balance_fen
+    int64_t* ded_used_fen          # [slot * 2 + group]
+    int64_t* fund_paid_fen         # [slot * 2 + group]
+    uint16_t* admissions           # [slot * 2 + group]
+    uint16_t* acc_year             # year the accumulators belong to
+    uint32_t* pvv_social
+    uint32_t* pvv_bank
+    int32_t* payer_slot            # 家庭共济 payer, -1 none
+    uint32_t* temp_loss_until      # YYYYMMDD after which a temporary loss lapses
+    uint8_t* region_index
+    uint8_t* ins_type_index
+    uint8_t* person_type
+    uint8_t* status
+    uint8_t* card_flags
+    uint8_t* tries_social
+    uint8_t* tries_bank
+    uint16_t* expiry_yymm
+    # indexes: open addressing, linear probing, int32 slots (-1 empty), keys compared in columns
+    int32_t* pan_index
+    uint64_t pan_index_mask
+    int32_t* person_index
+    uint64_t person_index_mask
+    # policies
+    int16_t* policy_of             # dense [region][ins type][person type][visit kind][level]
+    Policy* policies
+    int32_t region_count
+    int32_t ins_type_count
+    uint32_t* region_codes         # [region_count]
+    uint16_t* ins_type_codes       # [ins_type_count]
+    uint8_t* region_temp_loss_days
+    # institutions and terminals
+    uint8_t* inst_kind
+    uint8_t* inst_region
+    uint8_t* inst_level
+    int32_t inst_count
+    int32_t* term_inst
+    int32_t term_count
+    # transactions: a ring of Txn and two indexes over it
+    Txn* txns
+    uint64_t txn_mask              # ring capacity - 1 (power of two)
+    int32_t* idem_index
+    int32_t* rev_index
+    uint64_t txn_index_mask
+    uint64_t* counters             # [0] transactions so far (next RRN - 1), [1] configuration warnings
+    # parameters
+    int64_t* limits_fen            # per command: max amount (0 = no limit)
+    uint8_t pin_tries_social_max
+    uint8_t pin_tries_bank_max
+
+cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, size_t length) noexcept nogil
+cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
+                    uint32_t business_date) noexcept nogil

@@ -1,0 +1,1185 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The engine core: card state, the batch apply loop, medical settlement arithmetic.
+
+Owns the deterministic state machine. No I/O, no clocks: the business date is an argument, so
+replaying the journal through `apply_batch` rebuilds byte-identical arrays (DESIGN.md §6.8).
+
+Per batch, Python checks the arrays once and releases the GIL; per message, `apply_rows` runs
+in C (`noexcept nogil`, no Python objects). Result codes are checked in the precedence order
+written in docs/result-codes.md and in `apply_one` below.
+"""
+cimport cython
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
+from libc.string cimport memset, memcpy
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+# The largest amount field 4 (n12) can carry; every money input is checked against it before any
+# arithmetic, so that sums of a few of them and products with a ratio in basis points stay far
+# inside int64 (10^12 · 10^4 = 10^16 < 9.2 · 10^18).
+cdef extern from *:
+    """
+    #define AMOUNT_FEN_MAX 999999999999LL
+    """
+    const int64_t AMOUNT_FEN_MAX
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing: SipHash-2-4 (keyed; PAN and person hashes) and a 64-bit mixer (index positions)
+# ---------------------------------------------------------------------------------------------
+
+cdef inline uint64_t rotl(uint64_t x, int b) noexcept nogil:
+    return (x << b) | (x >> (64 - b))
+
+
+cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, size_t length) noexcept nogil:
+    """SipHash-2-4 (Aumasson & Bernstein), the reference algorithm with a 128-bit key."""
+    cdef uint64_t v0 = k0 ^ 0x736f6d6570736575ULL
+    cdef uint64_t v1 = k1 ^ 0x646f72616e646f6dULL
+    cdef uint64_t v2 = k0 ^ 0x6c7967656e657261ULL
+    cdef uint64_t v3 = k1 ^ 0x7465646279746573ULL
+    cdef uint64_t m, b = (<uint64_t>length) << 56
+    cdef size_t i, end = length - (length % 8)
+    cdef int r, j
+    for i in range(0, end, 8):
+        m = 0
+        for j in range(8):
+            m |= (<uint64_t>data[i + j]) << (8 * j)
+        v3 ^= m
+        for r in range(2):
+            v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32)
+            v2 += v3; v3 = rotl(v3, 16); v3 ^= v2
+            v0 += v3; v3 = rotl(v3, 21); v3 ^= v0
+            v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32)
+        v0 ^= m
+    for j in range(<int>(length % 8)):
+        b |= (<uint64_t>data[end + j]) << (8 * j)
+    v3 ^= b
+    for r in range(2):
+        v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32)
+        v2 += v3; v3 = rotl(v3, 16); v3 ^= v2
+        v0 += v3; v3 = rotl(v3, 21); v3 ^= v0
+        v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32)
+    v0 ^= b
+    v2 ^= 0xff
+    for r in range(4):
+        v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32)
+        v2 += v3; v3 = rotl(v3, 16); v3 ^= v2
+        v0 += v3; v3 = rotl(v3, 21); v3 ^= v0
+        v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64 finaliser: rev keys are structured (terminal | batch | stan), so spread them.
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+def siphash(bytes key16 not None, bytes data not None):
+    """SipHash-2-4 of `data` under a 16-byte key, as an int.
+
+    >>> hex(siphash(bytes(range(16)), b""))   # reference vector 0
+    '0x726fdb47dd0e0e31'
+    """
+    if len(key16) != 16:
+        raise ValueError(f"siphash key: {len(key16)} bytes, expecting 16")
+    cdef uint64_t k0 = int.from_bytes(key16[:8], "little")
+    cdef uint64_t k1 = int.from_bytes(key16[8:], "little")
+    return siphash24(k0, k1, <const unsigned char*>(<char*>data), len(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-addressing indexes of int32 slots; the keys live in the columns they point at
+# ---------------------------------------------------------------------------------------------
+
+cdef inline int32_t card_index_find(const int32_t* table, uint64_t mask, const uint64_t* keys,
+                                    uint64_t key) noexcept nogil:
+    cdef uint64_t i = mix64(key) & mask
+    cdef int32_t slot
+    while True:
+        slot = table[i]
+        if slot < 0:
+            return -1
+        if keys[slot] == key:
+            return slot
+        i = (i + 1) & mask
+
+
+cdef inline void card_index_set(int32_t* table, uint64_t mask, const uint64_t* keys,
+                                uint64_t key, int32_t value) noexcept nogil:
+    """Point `key` at `value`, replacing the slot it points at now if any."""
+    cdef uint64_t i = mix64(key) & mask
+    cdef int32_t slot
+    while True:
+        slot = table[i]
+        if slot < 0 or keys[slot] == key:
+            table[i] = value
+            return
+        i = (i + 1) & mask
+
+
+cdef inline void card_index_delete(int32_t* table, uint64_t mask, const uint64_t* keys,
+                                   uint64_t key) noexcept nogil:
+    """Remove `key` by backward-shift deletion (no tombstones, so probes stay short)."""
+    cdef uint64_t i = mix64(key) & mask, j, home
+    cdef int32_t slot
+    while True:
+        slot = table[i]
+        if slot < 0:
+            return
+        if keys[slot] == key:
+            break
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        slot = table[j]
+        if slot < 0:
+            break
+        home = mix64(keys[slot]) & mask
+        # the entry at j may move to the hole at i unless its home lies cyclically in (i, j]
+        if ((j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j))):
+            table[i] = slot
+            i = j
+    table[i] = -1
+
+
+cdef inline uint64_t txn_key(const Txn* t, int which) noexcept nogil:
+    return t.idem_key if which == 0 else t.rev_key
+
+
+cdef inline int32_t txn_index_find(const State* s, int which, uint64_t key) noexcept nogil:
+    cdef const int32_t* table = s.idem_index if which == 0 else s.rev_index
+    cdef uint64_t i = mix64(key) & s.txn_index_mask
+    cdef int32_t pos
+    while True:
+        pos = table[i]
+        if pos < 0:
+            return -1
+        if txn_key(&s.txns[pos], which) == key:
+            return pos
+        i = (i + 1) & s.txn_index_mask
+
+
+cdef inline void txn_index_set(State* s, int which, uint64_t key, int32_t value) noexcept nogil:
+    cdef int32_t* table = s.idem_index if which == 0 else s.rev_index
+    cdef uint64_t i = mix64(key) & s.txn_index_mask
+    cdef int32_t pos
+    while True:
+        pos = table[i]
+        if pos < 0 or txn_key(&s.txns[pos], which) == key:
+            table[i] = value
+            return
+        i = (i + 1) & s.txn_index_mask
+
+
+cdef inline void txn_index_delete(State* s, int which, uint64_t key, int32_t value) noexcept nogil:
+    """Remove `key` if it points at ring position `value` (a newer entry may own the key now)."""
+    cdef int32_t* table = s.idem_index if which == 0 else s.rev_index
+    cdef uint64_t mask = s.txn_index_mask
+    cdef uint64_t i = mix64(key) & mask, j, home
+    cdef int32_t pos
+    while True:
+        pos = table[i]
+        if pos < 0:
+            return
+        if txn_key(&s.txns[pos], which) == key:
+            if pos != value:
+                return
+            break
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        pos = table[j]
+        if pos < 0:
+            break
+        home = mix64(txn_key(&s.txns[pos], which)) & mask
+        if ((j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j))):
+            table[i] = pos
+            i = j
+    table[i] = -1
+
+
+cdef inline uint64_t make_rev_key(int32_t terminal_index, uint32_t batch_no, uint32_t stan) noexcept nogil:
+    # 41 + 42 + 11 + 60.2 (PROTOCOL.md §3.2); 42 is implied by the terminal (checked: 03).
+    # Never 0: 0 means "no reversal key".
+    return ((<uint64_t>(terminal_index + 1)) << 40) | ((<uint64_t>(batch_no & 0xFFFFF)) << 20) | (stan & 0xFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Medical settlement arithmetic (DOMAIN.md §2)
+# ---------------------------------------------------------------------------------------------
+
+cdef inline int64_t imin(int64_t a, int64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline int64_t imax(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline int64_t band_fund_fen(const Policy* p, int64_t ded_fen, int64_t in_scope_fen) noexcept nogil:
+    """fund = Σ_k ratio_k × |[lower_k, upper_k] ∩ [ded, IS]|, each band's part rounded half-up."""
+    cdef int64_t fund_fen = 0, lower_fen = 0, upper_fen, lo, hi
+    cdef int k
+    for k in range(p.band_count):
+        upper_fen = p.band_upper_fen[k]
+        lo = imax(lower_fen, ded_fen)
+        hi = imin(upper_fen, in_scope_fen)
+        if hi > lo:
+            fund_fen += ((hi - lo) * <int64_t>p.band_ratio_bp[k] + 5000) // 10000
+        lower_fen = upper_fen
+    return fund_fen
+
+
+cdef inline int visit_kind(uint8_t med_type) noexcept nogil:
+    if med_type == 11:
+        return 0
+    if med_type == 14:
+        return 1
+    if med_type == 21:
+        return 2
+    if med_type == 41:
+        return 3
+    return -1
+
+
+cdef inline bint accumulators_current(const State* s, int32_t slot, uint32_t business_date) noexcept nogil:
+    return s.acc_year[slot] == business_date // 10000
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates: institution, card, PIN
+# ---------------------------------------------------------------------------------------------
+
+cdef inline bint permitted_at(uint8_t cmd, uint8_t kind) noexcept nogil:
+    """Which institution kinds may send which commands (58 otherwise)."""
+    if cmd == CMD_BALANCE:
+        return True
+    if cmd == CMD_PURCHASE or cmd == CMD_VOID or cmd == CMD_REFUND:
+        return kind == INST_MERCHANT or kind == INST_PHARMACY or kind == INST_HOSPITAL
+    if cmd == CMD_MED_SETTLE or cmd == CMD_MED_CANCEL or cmd == CMD_MED_PRESETTLE:
+        return kind == INST_HOSPITAL or kind == INST_PHARMACY
+    if cmd == CMD_DEPOSIT or cmd == CMD_WITHDRAW or cmd == CMD_TRANSFER:
+        return kind == INST_BANK
+    return True
+
+
+cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint32_t business_date) noexcept nogil:
+    """Stolen 43, lost or replaced 41, cancelled or not activated 62, expired 54 — in that order."""
+    cdef uint8_t st = s.status[slot]
+    if s.card_flags[slot] & CF_STOLEN:
+        return RC_43
+    if st == CARD_LOST or st == CARD_REPLACED:
+        return RC_41
+    if st == CARD_TEMP_LOST and business_date <= s.temp_loss_until[slot]:
+        return RC_41
+    if st == CARD_CANCELLED or st == CARD_ISSUED or st == CARD_EMPTY:
+        return RC_62
+    if need_fin and not (s.card_flags[slot] & CF_FIN_ACTIVE):
+        return RC_62
+    if s.expiry_yymm[slot] != 0 and s.expiry_yymm[slot] < (business_date // 100) % 10000:
+        return RC_54
+    return 0
+
+
+cdef inline bint card_usable(const State* s, int32_t slot, uint32_t business_date) noexcept nogil:
+    return slot >= 0 and card_gate(s, slot, False, business_date) == 0
+
+
+cdef inline int32_t live_slot(const State* s, int32_t slot) noexcept nogil:
+    """Follow replacements: the old card of a 补换卡 points at its successor through payer_slot."""
+    cdef int hops = 0
+    while slot >= 0 and s.status[slot] == CARD_REPLACED and hops < 64:
+        slot = s.payer_slot[slot]
+        hops += 1
+    return slot
+
+
+cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* r,
+                              bint social, bint required) noexcept nogil:
+    """Verify the PIN of field 52 against the card's verification data.
+
+    The one rejection that changes state: a wrong PIN counts toward the lock (ISO 9564 practice);
+    a right one resets the count. Replay uses the outcome recorded live (REQ_PIN_REPLAY_*).
+    """
+    cdef uint8_t* tries = s.tries_social if social else s.tries_bank
+    cdef uint8_t tries_max = s.pin_tries_social_max if social else s.pin_tries_bank_max
+    cdef uint32_t pvv = s.pvv_social[slot] if social else s.pvv_bank[slot]
+    cdef bint given = (q.flags & (REQ_PIN | REQ_PIN_REPLAY_OK | REQ_PIN_REPLAY_BAD)) != 0
+    cdef bint right
+    if not given:
+        if not required:
+            return 0
+        return RC_75 if tries[slot] >= tries_max else RC_55
+    if tries[slot] >= tries_max:
+        return RC_75
+    if q.flags & REQ_PIN_REPLAY_OK:
+        right = True
+    elif q.flags & REQ_PIN_REPLAY_BAD:
+        right = False
+    else:
+        right = q.pin_pvv == pvv
+    if right:
+        r.pin_outcome = 1
+        tries[slot] = 0
+        return 0
+    r.pin_outcome = 2
+    tries[slot] += 1
+    return RC_75 if tries[slot] >= tries_max else RC_55
+
+
+# ---------------------------------------------------------------------------------------------
+# The transaction ring
+# ---------------------------------------------------------------------------------------------
+
+cdef Txn* txn_new(State* s, const Request* q, Result* r, uint64_t rev_key) noexcept nogil:
+    """Record a processed message: assigns its RRN; evicts the oldest entry when the ring is full."""
+    cdef uint64_t rrn = s.counters[0] + 1
+    cdef int32_t pos = <int32_t>(rrn & s.txn_mask)
+    cdef Txn* t = &s.txns[pos]
+    s.counters[0] = rrn
+    if t.rrn != 0:                       # bounded retention: forget the oldest
+        txn_index_delete(s, 0, t.idem_key, pos)
+        if t.rev_key != 0:
+            txn_index_delete(s, 1, t.rev_key, pos)
+    memset(t, 0, sizeof(Txn))
+    t.rrn = rrn
+    t.idem_key = q.idem_key
+    t.content_hash = q.content_hash
+    t.rev_key = rev_key
+    t.cmd = q.cmd
+    t.stan = q.stan
+    t.batch_no = q.batch_no
+    t.terminal_index = q.terminal_index
+    t.business_date = r.business_date
+    t.card_slot = -1
+    t.other_slot = -1
+    txn_index_set(s, 0, q.idem_key, pos)
+    if rev_key != 0:
+        txn_index_set(s, 1, rev_key, pos)
+    r.rrn = rrn
+    return t
+
+
+cdef inline void txn_store_result(Txn* t, const Result* r) noexcept nogil:
+    t.code = r.code
+    t.outcome_flags = r.outcome_flags
+    t.acc_group = r.acc_group
+    t.orig_rrn = r.orig_rrn
+    t.amount_fen = r.amount_fen
+    t.fund_fen = r.fund_fen
+    t.deductible_fen = r.deductible_fen
+    t.ins_leg_fen = r.ins_leg_fen
+    t.aid_leg_fen = r.aid_leg_fen
+    t.fin_leg_fen = r.fin_leg_fen
+    t.cash_fen = r.cash_fen
+    t.ins_balance_fen = r.ins_balance_fen
+    t.fin_balance_fen = r.fin_balance_fen
+    t.other_balance_fen = r.other_balance_fen
+    t.card_slot = r.card_slot
+    t.other_slot = r.other_slot
+    t.auth_code = r.auth_code
+
+
+cdef inline void answer_from_txn(const Txn* t, Result* r) noexcept nogil:
+    """A repeat of a processed key gets the stored answer (PROTOCOL.md §3.2), no new effect."""
+    r.rrn = t.rrn
+    r.orig_rrn = t.rrn
+    r.code = t.code
+    r.acc_group = t.acc_group
+    r.amount_fen = t.amount_fen
+    r.fund_fen = t.fund_fen
+    r.deductible_fen = t.deductible_fen
+    r.ins_leg_fen = t.ins_leg_fen
+    r.aid_leg_fen = t.aid_leg_fen
+    r.fin_leg_fen = t.fin_leg_fen
+    r.cash_fen = t.cash_fen
+    r.ins_balance_fen = t.ins_balance_fen
+    r.fin_balance_fen = t.fin_balance_fen
+    r.other_balance_fen = t.other_balance_fen
+    r.card_slot = t.card_slot
+    r.other_slot = t.other_slot
+    r.auth_code = t.auth_code
+    r.outcome_flags = RES_DUPLICATE
+
+
+cdef inline Txn* txn_by_rrn(State* s, uint64_t rrn) noexcept nogil:
+    cdef Txn* t
+    if rrn == 0 or rrn > s.counters[0]:
+        return NULL
+    t = &s.txns[rrn & s.txn_mask]
+    return t if t.rrn == rrn else NULL
+
+
+cdef inline bint approved(uint16_t code) noexcept nogil:
+    return code == RC_00 or code == RC_10
+
+
+cdef inline bint reversible(uint8_t cmd) noexcept nogil:
+    return (cmd == CMD_PURCHASE or cmd == CMD_VOID or cmd == CMD_MED_SETTLE or cmd == CMD_MED_CANCEL
+            or cmd == CMD_DEPOSIT or cmd == CMD_WITHDRAW or cmd == CMD_TRANSFER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Posting and un-posting the legs of a medical settlement
+# ---------------------------------------------------------------------------------------------
+
+cdef inline bint settle_legs_fit(const State* s, int32_t slot, int32_t payer, const Txn* t) noexcept nogil:
+    if s.ins_balance_fen[slot] < t.ins_leg_fen or s.fin_balance_fen[slot] < t.fin_leg_fen:
+        return False
+    if t.aid_leg_fen > 0 and (payer < 0 or s.ins_balance_fen[payer] < t.aid_leg_fen):
+        return False
+    return True
+
+
+cdef void settle_post(State* s, int32_t slot, int32_t payer, const Txn* t, int sign) noexcept nogil:
+    """sign = +1 posts the settlement `t` again (reversal of its cancel); -1 restores it exactly."""
+    cdef int g = t.acc_group
+    s.ins_balance_fen[slot] -= sign * t.ins_leg_fen
+    s.fin_balance_fen[slot] -= sign * t.fin_leg_fen
+    if t.aid_leg_fen != 0 and payer >= 0:
+        s.ins_balance_fen[payer] -= sign * t.aid_leg_fen
+    # Accumulators of another year were reset at New Year: nothing of this one is left to move.
+    if s.acc_year[slot] == t.business_date // 10000:
+        s.fund_paid_fen[slot * 2 + g] += sign * t.fund_fen
+        if t.outcome_flags & RES_CUMULATIVE:
+            s.ded_used_fen[slot * 2 + g] += sign * t.deductible_fen
+        if t.outcome_flags & RES_ADMISSION:
+            s.admissions[slot * 2 + g] += sign
+
+
+cdef inline void report_balances(const State* s, int32_t slot, Result* r) noexcept nogil:
+    r.ins_balance_fen = s.ins_balance_fen[slot]
+    r.fin_balance_fen = s.fin_balance_fen[slot]
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd,
+                          bint post) noexcept nogil:
+    cdef int vk = visit_kind(q.med_type)
+    cdef int g = 1 if vk == 2 else 0
+    cdef int16_t pid
+    cdef const Policy* p
+    cdef int64_t ded_fen = 0, fund_fen = 0, share_fen, ins_fen = 0, aid_fen = 0, fin_fen, cash_fen = 0
+    cdef int64_t rest_fen, fin_avail_fen, ded_total_fen
+    cdef int64_t ded_used = 0, fund_paid = 0
+    cdef uint16_t admissions = 0
+    cdef int32_t payer = -1
+    cdef uint16_t code = RC_00
+    cdef bint current = accumulators_current(s, slot, bd)
+    if current:
+        ded_used = s.ded_used_fen[slot * 2 + g]
+        fund_paid = s.fund_paid_fen[slot * 2 + g]
+        admissions = s.admissions[slot * 2 + g]
+    r.acc_group = g
+    if q.flags & REQ_FP:
+        # The platform computed the fund (FP): the local policy is skipped (PROTOCOL.md §3.1).
+        fund_fen = q.fp_fen
+    else:
+        pid = s.policy_of[(((<int>s.region_index[slot] * s.ins_type_count + s.ins_type_index[slot]) * 2
+                            + s.person_type[slot]) * VISIT_KINDS + vk) * LEVELS
+                          + s.inst_level[q.institution_index]]
+        if pid < 0:
+            r.outcome_flags |= RES_NO_POLICY
+            s.counters[1] += 1
+            return RC_12
+        p = &s.policies[pid]
+        if p.per_admission:
+            ded_total_fen = p.deductible_first_fen if admissions == 0 else p.deductible_later_fen
+            ded_fen = imin(q.is_fen, ded_total_fen)
+        else:
+            ded_fen = imin(q.is_fen, imax(0, p.deductible_first_fen - ded_used))
+        if p.fund_pays:
+            fund_fen = band_fund_fen(p, ded_fen, q.is_fen)
+            fund_fen = imin(fund_fen, imax(0, p.cap_fen - fund_paid))
+        if p.per_admission:
+            r.outcome_flags |= RES_ADMISSION
+        elif ded_fen > 0:
+            r.outcome_flags |= RES_CUMULATIVE
+    # Patient share: the insurance account first, the family-aid payer next, then the bank.
+    share_fen = q.amount_fen - fund_fen
+    if q.flags & REQ_AU:
+        ins_fen = imin(share_fen, s.ins_balance_fen[slot])
+        payer = s.payer_slot[slot]
+        if payer >= 0 and card_usable(s, payer, bd):
+            aid_fen = imin(share_fen - ins_fen, s.ins_balance_fen[payer])
+        else:
+            payer = -1
+    rest_fen = share_fen - ins_fen - aid_fen
+    fin_avail_fen = s.fin_balance_fen[slot] if (s.card_flags[slot] & CF_FIN_ACTIVE) else 0
+    if rest_fen <= fin_avail_fen:
+        fin_fen = rest_fen
+    elif q.flags & REQ_PA:
+        fin_fen = fin_avail_fen
+        cash_fen = rest_fen - fin_fen
+        code = RC_10
+    else:
+        r.outcome_flags &= ~(RES_ADMISSION | RES_CUMULATIVE)
+        report_balances(s, slot, r)
+        return RC_51
+    r.fund_fen = fund_fen
+    r.deductible_fen = ded_fen
+    r.ins_leg_fen = ins_fen
+    r.aid_leg_fen = aid_fen
+    r.fin_leg_fen = fin_fen
+    r.cash_fen = cash_fen
+    r.other_slot = payer if aid_fen > 0 else -1
+    if not post:
+        # Pre-settlement (83): the balances as they would be had it posted; nothing moves.
+        r.outcome_flags &= ~(RES_ADMISSION | RES_CUMULATIVE)
+        r.ins_balance_fen = s.ins_balance_fen[slot] - ins_fen
+        r.fin_balance_fen = s.fin_balance_fen[slot] - fin_fen
+        if aid_fen > 0:
+            r.other_balance_fen = s.ins_balance_fen[payer] - aid_fen
+        return code
+    if not current:
+        # New year: this card's accumulators start again from zero.
+        s.ded_used_fen[slot * 2] = 0
+        s.ded_used_fen[slot * 2 + 1] = 0
+        s.fund_paid_fen[slot * 2] = 0
+        s.fund_paid_fen[slot * 2 + 1] = 0
+        s.admissions[slot * 2] = 0
+        s.admissions[slot * 2 + 1] = 0
+        s.acc_year[slot] = bd // 10000
+    s.ins_balance_fen[slot] -= ins_fen
+    s.fin_balance_fen[slot] -= fin_fen
+    if aid_fen > 0:
+        s.ins_balance_fen[payer] -= aid_fen
+        r.other_balance_fen = s.ins_balance_fen[payer]
+    s.fund_paid_fen[slot * 2 + g] += fund_fen
+    if r.outcome_flags & RES_CUMULATIVE:
+        s.ded_used_fen[slot * 2 + g] += ded_fen
+    if r.outcome_flags & RES_ADMISSION:
+        s.admissions[slot * 2 + g] += 1
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, slot, r)
+    return code
+
+
+cdef uint16_t cmd_undo(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
+    """Void (23) of a purchase, cancel (82) of a medical settlement, refund (25) of a purchase."""
+    cdef Txn* o = txn_by_rrn(s, q.orig_rrn)
+    cdef uint8_t want = CMD_MED_SETTLE if q.cmd == CMD_MED_CANCEL else CMD_PURCHASE
+    cdef int32_t oslot, payer
+    r.orig_rrn = q.orig_rrn
+    if o == NULL or o.cmd != want or o.state == TXN_TOMBSTONE:
+        return RC_25
+    if (q.orig_stan != 0 and o.stan != q.orig_stan) or (q.orig_batch != 0 and o.batch_no != q.orig_batch):
+        return RC_25
+    oslot = live_slot(s, o.card_slot)
+    if oslot != live_slot(s, slot):
+        return RC_25
+    if not approved(o.code) or o.state != TXN_OPEN:
+        return RC_12
+    if q.cmd == CMD_REFUND:
+        if q.amount_fen > o.amount_fen - o.refunded_fen:
+            return RC_64
+        o.refunded_fen += q.amount_fen
+        s.fin_balance_fen[oslot] += q.amount_fen
+        r.amount_fen = q.amount_fen
+        r.fin_leg_fen = -q.amount_fen
+    else:
+        if q.amount_fen != o.amount_fen:
+            return RC_64
+        if q.cmd == CMD_VOID:
+            if o.business_date != bd or o.refunded_fen != 0:
+                return RC_12             # a void is same-day and whole (消费撤销)
+            s.fin_balance_fen[oslot] += o.fin_leg_fen
+            r.fin_leg_fen = -o.fin_leg_fen
+        else:
+            payer = live_slot(s, o.other_slot)
+            settle_post(s, oslot, payer, o, -1)
+            r.fund_fen = -o.fund_fen
+            r.deductible_fen = -o.deductible_fen
+            r.ins_leg_fen = -o.ins_leg_fen
+            r.aid_leg_fen = -o.aid_leg_fen
+            r.fin_leg_fen = -o.fin_leg_fen
+            r.cash_fen = -o.cash_fen
+            r.acc_group = o.acc_group
+            r.other_slot = payer if o.aid_leg_fen != 0 else -1
+            if r.other_slot >= 0:
+                r.other_balance_fen = s.ins_balance_fen[payer]
+        o.state = TXN_UNDONE
+        r.amount_fen = o.amount_fen
+    r.card_slot = oslot
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, oslot, r)
+    return RC_00
+
+
+cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
+    """冲正: restore every leg and accumulator of the original exactly (PROTOCOL.md §3.2)."""
+    cdef uint64_t rk = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+    cdef int32_t pos = txn_index_find(s, 1, rk)
+    cdef Txn* o
+    cdef Txn* inner
+    cdef int32_t slot, other, payer
+    cdef int64_t amount
+    if pos < 0:
+        r.outcome_flags |= RES_TOMBSTONE    # the original, if it ever comes, gets 25
+        return RC_00
+    o = &s.txns[pos]
+    r.orig_rrn = o.rrn
+    if o.state == TXN_TOMBSTONE or o.state == TXN_REVERSED:
+        return RC_00
+    if q.pan_hash != 0 and o.card_slot >= 0 and s.pan_hash[o.card_slot] != q.pan_hash:
+        return RC_25
+    r.cmd = CMD_REVERSAL
+    r.acc_group = o.acc_group
+    if not approved(o.code):
+        o.state = TXN_REVERSED              # a declined original moved nothing
+        return RC_00
+    slot = live_slot(s, o.card_slot)
+    other = live_slot(s, o.other_slot)
+    if o.cmd == CMD_PURCHASE or o.cmd == CMD_WITHDRAW:
+        if o.state == TXN_OPEN:             # a voided purchase has no money left to return
+            s.fin_balance_fen[slot] += o.fin_leg_fen - o.refunded_fen
+            r.fin_leg_fen = -(o.fin_leg_fen - o.refunded_fen)
+    elif o.cmd == CMD_DEPOSIT:
+        if s.fin_balance_fen[slot] < -o.fin_leg_fen:
+            report_balances(s, slot, r)
+            return RC_51                    # the deposit was spent already: an operator's case
+        s.fin_balance_fen[slot] += o.fin_leg_fen
+        r.fin_leg_fen = -o.fin_leg_fen
+    elif o.cmd == CMD_TRANSFER:
+        if s.fin_balance_fen[other] < o.fin_leg_fen:
+            report_balances(s, slot, r)
+            return RC_51
+        s.fin_balance_fen[other] -= o.fin_leg_fen
+        s.fin_balance_fen[slot] += o.fin_leg_fen
+        r.fin_leg_fen = -o.fin_leg_fen
+        r.other_slot = other
+        r.other_balance_fen = s.fin_balance_fen[other]
+    elif o.cmd == CMD_MED_SETTLE:
+        if o.state == TXN_OPEN:
+            payer = live_slot(s, o.other_slot)
+            settle_post(s, slot, payer, o, -1)
+            r.fund_fen = -o.fund_fen
+            r.deductible_fen = -o.deductible_fen
+            r.ins_leg_fen = -o.ins_leg_fen
+            r.aid_leg_fen = -o.aid_leg_fen
+            r.fin_leg_fen = -o.fin_leg_fen
+            r.cash_fen = -o.cash_fen
+    elif o.cmd == CMD_VOID or o.cmd == CMD_MED_CANCEL:
+        # Reversing an undo posts the original again, exactly, if it is still undone.
+        inner = txn_by_rrn(s, o.orig_rrn)
+        if inner != NULL and inner.state == TXN_UNDONE:
+            if o.cmd == CMD_VOID:
+                if s.fin_balance_fen[slot] < inner.fin_leg_fen:
+                    report_balances(s, slot, r)
+                    return RC_51
+                s.fin_balance_fen[slot] -= inner.fin_leg_fen
+                r.fin_leg_fen = inner.fin_leg_fen
+            else:
+                payer = live_slot(s, inner.other_slot)
+                if not settle_legs_fit(s, slot, payer, inner):
+                    report_balances(s, slot, r)
+                    return RC_51
+                settle_post(s, slot, payer, inner, 1)
+                r.fund_fen = inner.fund_fen
+                r.deductible_fen = inner.deductible_fen
+                r.ins_leg_fen = inner.ins_leg_fen
+                r.aid_leg_fen = inner.aid_leg_fen
+                r.fin_leg_fen = inner.fin_leg_fen
+                r.cash_fen = inner.cash_fen
+            inner.state = TXN_OPEN
+    o.state = TXN_REVERSED
+    r.amount_fen = o.amount_fen
+    r.card_slot = slot
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, slot, r)
+    return RC_00
+
+
+cdef int16_t region_lookup(const State* s, uint32_t code) noexcept nogil:
+    cdef int i
+    for i in range(s.region_count):
+        if s.region_codes[i] == code:
+            return i
+    return -1
+
+
+cdef int16_t ins_type_lookup(const State* s, uint16_t code) noexcept nogil:
+    cdef int i
+    for i in range(s.ins_type_count):
+        if s.ins_type_codes[i] == code:
+            return i
+    return -1
+
+
+cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
+    """制卡: a new card slot. 一人一卡: a person with a live card gets 57."""
+    cdef int16_t region = region_lookup(s, q.region_code)
+    cdef int16_t itype = ins_type_lookup(s, q.ins_type)
+    cdef int32_t slot, live
+    if q.pan_hash == 0 or q.person_hash == 0 or region < 0 or itype < 0 or (q.acct_type & 0x0F) > 1:
+        return RC_12
+    if q.med_type < CARD_ISSUED or q.med_type > CARD_CANCELLED or q.amount_fen < 0 or q.amount2_fen < 0:
+        return RC_12
+    if card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash) >= 0:
+        return RC_94
+    live = card_index_find(s.person_index, s.person_index_mask, s.person_hash, q.person_hash)
+    if live >= 0 and s.status[live] != CARD_CANCELLED and s.status[live] != CARD_REPLACED:
+        return RC_57
+    if s.card_count >= s.card_capacity:
+        return RC_96
+    slot = <int32_t>s.card_count
+    s.card_count += 1
+    s.pan_hash[slot] = q.pan_hash
+    s.person_hash[slot] = q.person_hash
+    s.ins_balance_fen[slot] = q.amount_fen
+    s.fin_balance_fen[slot] = q.amount2_fen
+    s.region_index[slot] = <uint8_t>region
+    s.ins_type_index[slot] = <uint8_t>itype
+    s.person_type[slot] = q.acct_type & 0x0F
+    s.card_flags[slot] = q.acct_type >> 4
+    s.status[slot] = q.med_type
+    s.pvv_bank[slot] = q.pin_pvv
+    s.pvv_social[slot] = q.pin_pvv_new
+    s.expiry_yymm[slot] = q.expiry_yymm
+    s.payer_slot[slot] = -1
+    card_index_set(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash, slot)
+    card_index_set(s.person_index, s.person_index_mask, s.person_hash, q.person_hash, slot)
+    r.card_slot = slot
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, slot, r)
+    return RC_00
+
+
+cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
+    """家庭共济: bind (or unbind) the payer whose insurance account pays after the card's own."""
+    cdef int32_t payer
+    if q.cmd == CMD_FAMILY_UNBIND:
+        s.payer_slot[slot] = -1
+        r.outcome_flags |= RES_POSTED
+        return RC_00
+    payer = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash)
+    if payer < 0:
+        return RC_14
+    if payer == slot or s.region_index[payer] != s.region_index[slot]:
+        return RC_12                     # same region only; never oneself
+    if not card_usable(s, payer, bd):
+        return RC_57
+    s.payer_slot[slot] = payer
+    r.other_slot = payer
+    r.outcome_flags |= RES_POSTED
+    return RC_00
+
+
+cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
+    """One message. The checks run in this order (docs/result-codes.md); the first that fails
+    answers, and only the PIN counters move before the last check passes."""
+    cdef uint8_t cmd = q.cmd
+    cdef int32_t slot = -1, pos, other
+    cdef int32_t inst = q.institution_index
+    cdef uint16_t code
+    cdef Txn* t
+    cdef uint64_t rev_key = 0
+    cdef bint lifecycle = cmd >= CMD_ISSUE
+    cdef bint social, need_fin, credit_back
+
+    # 1. decided before the engine (format 30, MAC A0, not signed on 77, unregistered 97, PIN format 99)
+    if q.pre_code != 0:
+        return q.pre_code
+    # 2. unknown command
+    if cmd == 0 or cmd > CMD_MAX or (cmd > CMD_REVERSAL and cmd != CMD_ISSUE
+                                      and cmd != CMD_FAMILY_BIND and cmd != CMD_FAMILY_UNBIND):
+        return RC_12
+    if not lifecycle:
+        # 3. terminal registered (97), 4. institution is the terminal's (03)
+        if q.terminal_index < 0 or q.terminal_index >= s.term_count:
+            return RC_97
+        if inst < 0 or inst >= s.inst_count or s.term_inst[q.terminal_index] != inst:
+            return RC_03
+    # 5. amounts in range (13) before any arithmetic; the claim identity I1 and FP ≤ IS (13)
+    if (q.amount_fen < 0 or q.amount_fen > AMOUNT_FEN_MAX or q.fo_fen < 0 or q.fo_fen > AMOUNT_FEN_MAX
+            or q.ol_fen < 0 or q.ol_fen > AMOUNT_FEN_MAX or q.ps_fen < 0 or q.ps_fen > AMOUNT_FEN_MAX
+            or q.is_fen < 0 or q.is_fen > AMOUNT_FEN_MAX or q.fp_fen < 0 or q.fp_fen > AMOUNT_FEN_MAX
+            or q.amount2_fen < 0 or q.amount2_fen > AMOUNT_FEN_MAX):
+        return RC_13
+    if cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE:
+        if q.fo_fen + q.ol_fen + q.ps_fen + q.is_fen != q.amount_fen:
+            return RC_13
+        if (q.flags & REQ_FP) and q.fp_fen > q.is_fen:
+            return RC_13
+        if visit_kind(q.med_type) < 0:
+            return RC_12
+    # 6. permitted at this kind of institution (58); pharmacies settle visit type 41 only
+    if not lifecycle:
+        if not permitted_at(cmd, s.inst_kind[inst]):
+            return RC_58
+        if (cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE) and (
+                (q.med_type == 41) != (s.inst_kind[inst] == INST_PHARMACY)):
+            return RC_58
+    # 7. idempotency: the same key answers what it answered (same content) or 94 (other content)
+    if q.idem_key != 0:
+        pos = txn_index_find(s, 0, q.idem_key)
+        if pos >= 0:
+            t = &s.txns[pos]
+            if t.content_hash != q.content_hash:
+                return RC_94
+            answer_from_txn(t, r)
+            return r.code
+    if lifecycle and q.idem_key == 0:
+        t = NULL
+    else:
+        # 8. a reversal came first for this key: the original is declined (25), no effect
+        if reversible(cmd):
+            rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+            pos = txn_index_find(s, 1, rev_key)
+            if pos >= 0 and s.txns[pos].state == TXN_TOMBSTONE:
+                t = txn_new(s, q, r, 0)
+                r.code = RC_25
+                txn_store_result(t, r)
+                return RC_25
+        elif cmd == CMD_REVERSAL:
+            rev_key = 0
+        t = txn_new(s, q, r, rev_key)
+    code = apply_checked(s, q, r, bd)
+    if cmd == CMD_REVERSAL and (r.outcome_flags & RES_TOMBSTONE) and t != NULL:
+        t.rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+        t.state = TXN_TOMBSTONE
+        txn_index_set(s, 1, t.rev_key, <int32_t>(t.rrn & s.txn_mask))
+    if approved(code) and t != NULL:
+        r.auth_code = <uint32_t>(t.rrn % 1000000)
+        if r.auth_code == 0:
+            r.auth_code = 1
+    r.code = code
+    if t != NULL:
+        txn_store_result(t, r)
+    return code
+
+
+cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
+    """Steps 9 onward: card, PIN, original, policy, limits, funds."""
+    cdef uint8_t cmd = q.cmd
+    cdef int32_t slot, other
+    cdef uint16_t code
+    cdef bint social, credit_back
+    if cmd == CMD_ISSUE:
+        return cmd_issue(s, q, r)
+    if cmd == CMD_REVERSAL:
+        return cmd_reversal(s, q, r, bd)
+    # 9. the card: unknown 14, then card_gate's order (43, 41, 62, 54)
+    slot = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash)
+    if slot < 0:
+        return RC_14
+    r.card_slot = slot
+    report_balances(s, slot, r)
+    credit_back = cmd == CMD_VOID or cmd == CMD_REFUND or cmd == CMD_MED_CANCEL
+    if credit_back:
+        # Money goes back to where it came from even after a loss or a replacement.
+        if s.status[live_slot(s, slot)] == CARD_CANCELLED:
+            return RC_62
+    else:
+        code = card_gate(s, slot, not (cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE
+                                       or cmd == CMD_FAMILY_BIND or cmd == CMD_FAMILY_UNBIND
+                                       or cmd == CMD_BALANCE), bd)
+        if code != 0:
+            return code
+    if cmd == CMD_FAMILY_BIND or cmd == CMD_FAMILY_UNBIND:
+        return cmd_family(s, q, r, slot, bd)
+    # 10. PIN: social PIN for medical commands when enabled, bank PIN where §3.5 requires it
+    social = cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE or cmd == CMD_MED_CANCEL
+    code = pin_gate(s, slot, q, r, social,
+                    (s.card_flags[slot] & CF_SOCIAL_PIN) != 0 if social and cmd != CMD_MED_CANCEL
+                    else (cmd == CMD_BALANCE or cmd == CMD_PURCHASE or cmd == CMD_WITHDRAW
+                          or cmd == CMD_TRANSFER))
+    if code != 0:
+        return code
+    # 11.–15. per command: the original (25, 12, 64), policy (12), limits (61), funds (51)
+    if q.amount_fen > 0 and s.limits_fen[cmd] > 0 and q.amount_fen > s.limits_fen[cmd]:
+        return RC_61
+    if cmd == CMD_MED_SETTLE:
+        return cmd_medical(s, q, r, slot, bd, True)
+    if cmd == CMD_MED_PRESETTLE:
+        return cmd_medical(s, q, r, slot, bd, False)
+    if credit_back:
+        return cmd_undo(s, q, r, slot, bd)
+    if cmd == CMD_BALANCE:
+        return RC_00
+    if cmd == CMD_DEPOSIT:
+        s.fin_balance_fen[slot] += q.amount_fen
+        r.amount_fen = q.amount_fen
+        r.fin_leg_fen = -q.amount_fen
+    elif cmd == CMD_PURCHASE or cmd == CMD_WITHDRAW:
+        if s.fin_balance_fen[slot] < q.amount_fen:
+            return RC_51
+        s.fin_balance_fen[slot] -= q.amount_fen
+        r.amount_fen = q.amount_fen
+        r.fin_leg_fen = q.amount_fen
+    elif cmd == CMD_TRANSFER:
+        other = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash)
+        if other < 0:
+            return RC_14
+        if other == slot:
+            return RC_12
+        if card_gate(s, other, True, bd) != 0:
+            return RC_57
+        if s.fin_balance_fen[slot] < q.amount_fen:
+            return RC_51
+        s.fin_balance_fen[slot] -= q.amount_fen
+        s.fin_balance_fen[other] += q.amount_fen
+        r.amount_fen = q.amount_fen
+        r.fin_leg_fen = q.amount_fen
+        r.other_slot = other
+        r.other_balance_fen = s.fin_balance_fen[other]
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, slot, r)
+    return RC_00
+
+
+cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
+                    uint32_t business_date) noexcept nogil:
+    """The hot loop: one row at a time, in order, no Python. Returns the number approved."""
+    cdef Py_ssize_t i
+    cdef int approved_count = 0
+    cdef Result* r
+    cdef const Request* q
+    for i in range(count):
+        q = &requests[i]
+        r = &results[i]
+        memset(r, 0, sizeof(Result))
+        r.card_slot = -1
+        r.other_slot = -1
+        r.cmd = q.cmd
+        r.business_date = business_date
+        r.code = apply_one(s, q, r, business_date)
+        if r.code == RC_00 or r.code == RC_10:
+            approved_count += 1
+    return approved_count
+
+
+# ---------------------------------------------------------------------------------------------
+# Python face: the Engine owns the numpy arrays and checks each batch once
+# ---------------------------------------------------------------------------------------------
+
+def _offsets_request():
+    cdef Request x
+    cdef char* b = <char*>&x
+    return sizeof(Request), {
+        "pan_hash": <char*>&x.pan_hash - b, "idem_key": <char*>&x.idem_key - b,
+        "amount_fen": <char*>&x.amount_fen - b, "fp_fen": <char*>&x.fp_fen - b,
+        "pin_pvv": <char*>&x.pin_pvv - b, "terminal_index": <char*>&x.terminal_index - b,
+        "region_code": <char*>&x.region_code - b, "local_date": <char*>&x.local_date - b,
+        "pre_code": <char*>&x.pre_code - b, "expiry_yymm": <char*>&x.expiry_yymm - b,
+        "cmd": <char*>&x.cmd - b, "acct_type": <char*>&x.acct_type - b,
+    }
+
+
+def _offsets_result():
+    cdef Result x
+    cdef char* b = <char*>&x
+    return sizeof(Result), {
+        "rrn": <char*>&x.rrn - b, "amount_fen": <char*>&x.amount_fen - b,
+        "other_balance_fen": <char*>&x.other_balance_fen - b, "card_slot": <char*>&x.card_slot - b,
+        "business_date": <char*>&x.business_date - b, "code": <char*>&x.code - b,
+        "acc_group": <char*>&x.acc_group - b, "reserved1": <char*>&x.reserved1 - b,
+    }
+
+
+def _offsets_txn():
+    cdef Txn x
+    cdef char* b = <char*>&x
+    return sizeof(Txn), {
+        "rev_key": <char*>&x.rev_key - b, "other_balance_fen": <char*>&x.other_balance_fen - b,
+        "card_slot": <char*>&x.card_slot - b, "auth_code": <char*>&x.auth_code - b,
+        "code": <char*>&x.code - b, "acc_group": <char*>&x.acc_group - b,
+    }
+
+
+def _offsets_policy():
+    cdef Policy x
+    cdef char* b = <char*>&x
+    return sizeof(Policy), {
+        "band_upper_fen": <char*>&x.band_upper_fen - b, "band_ratio_bp": <char*>&x.band_ratio_bp - b,
+        "band_count": <char*>&x.band_count - b, "fund_pays": <char*>&x.fund_pays - b,
+    }
+
+
+cdef inline void* _ptr(cnp.ndarray a):
+    return cnp.PyArray_DATA(a)
+
+
+cdef class Core:
+    """Binds the engine's arrays (a dict of numpy arrays, see yikatong.engine.state) to the C
+    State and applies batches. Rebind after any array is replaced (growth, checkpoint load)."""
+    cdef State s
+    cdef readonly dict arrays
+    cdef object _keepalive
+
+    def __init__(self, dict arrays):
+        self.bind(arrays)
+
+    def bind(self, dict arrays):
+        a = arrays
+        self.arrays = a
+        cdef cnp.ndarray meta = a["meta"]
+        memset(&self.s, 0, sizeof(State))
+        self.s.card_count = a["meta"][2]
+        self.s.card_capacity = a["pan_hash"].shape[0]
+        self.s.pan_hash = <uint64_t*>_ptr(a["pan_hash"])
+        self.s.person_hash = <uint64_t*>_ptr(a["person_hash"])
+        self.s.ins_balance_fen = <int64_t*>_ptr(a["ins_balance_fen"])
+        self.s.fin_balance_fen = <int64_t*>_ptr(a["fin_balance_fen"])
+        self.s.ded_used_fen = <int64_t*>_ptr(a["ded_used_fen"])
+        self.s.fund_paid_fen = <int64_t*>_ptr(a["fund_paid_fen"])
+        self.s.admissions = <uint16_t*>_ptr(a["admissions"])
+        self.s.acc_year = <uint16_t*>_ptr(a["acc_year"])
+        self.s.pvv_social = <uint32_t*>_ptr(a["pvv_social"])
+        self.s.pvv_bank = <uint32_t*>_ptr(a["pvv_bank"])
+        self.s.payer_slot = <int32_t*>_ptr(a["payer_slot"])
+        self.s.temp_loss_until = <uint32_t*>_ptr(a["temp_loss_until"])
+        self.s.region_index = <uint8_t*>_ptr(a["region_index"])
+        self.s.ins_type_index = <uint8_t*>_ptr(a["ins_type_index"])
+        self.s.person_type = <uint8_t*>_ptr(a["person_type"])
+        self.s.status = <uint8_t*>_ptr(a["status"])
+        self.s.card_flags = <uint8_t*>_ptr(a["card_flags"])
+        self.s.tries_social = <uint8_t*>_ptr(a["tries_social"])
+        self.s.tries_bank = <uint8_t*>_ptr(a["tries_bank"])
+        self.s.expiry_yymm = <uint16_t*>_ptr(a["expiry_yymm"])
+        self.s.pan_index = <int32_t*>_ptr(a["pan_index"])
+        self.s.pan_index_mask = a["pan_index"].shape[0] - 1
+        self.s.person_index = <int32_t*>_ptr(a["person_index"])
+        self.s.person_index_mask = a["person_index"].shape[0] - 1
+        self.s.policy_of = <int16_t*>_ptr(a["policy_of"])
+        self.s.policies = <Policy*>_ptr(a["policies"])
+        self.s.region_count = a["region_codes"].shape[0]
+        self.s.ins_type_count = a["ins_type_codes"].shape[0]
+        self.s.region_codes = <uint32_t*>_ptr(a["region_codes"])
+        self.s.ins_type_codes = <uint16_t*>_ptr(a["ins_type_codes"])
+        self.s.region_temp_loss_days = <uint8_t*>_ptr(a["region_temp_loss_days"])
+        self.s.inst_kind = <uint8_t*>_ptr(a["inst_kind"])
+        self.s.inst_region = <uint8_t*>_ptr(a["inst_region"])
+        self.s.inst_level = <uint8_t*>_ptr(a["inst_level"])
+        self.s.inst_count = a["inst_kind"].shape[0]
+        self.s.term_inst = <int32_t*>_ptr(a["term_inst"])
+        self.s.term_count = a["term_inst"].shape[0]
+        self.s.txns = <Txn*>_ptr(a["txns"])
+        self.s.txn_mask = a["txns"].shape[0] - 1
+        self.s.idem_index = <int32_t*>_ptr(a["idem_index"])
+        self.s.rev_index = <int32_t*>_ptr(a["rev_index"])
+        self.s.txn_index_mask = a["idem_index"].shape[0] - 1
+        self.s.counters = <uint64_t*>_ptr(meta)
+        self.s.limits_fen = <int64_t*>_ptr(a["limits_fen"])
+        self.s.pin_tries_social_max = <uint8_t>a["meta"][3]
+        self.s.pin_tries_bank_max = <uint8_t>a["meta"][4]
+
+    def apply(self, cnp.ndarray requests, cnp.ndarray results, uint32_t business_date):
+        """Apply `requests` in order, writing `results`; returns the number approved.
+        Shapes and dtypes are checked by the caller (yikatong.engine.Engine.apply_batch)."""
+        cdef Py_ssize_t n = requests.shape[0]
+        cdef const Request* q = <const Request*>cnp.PyArray_DATA(requests)
+        cdef Result* r = <Result*>cnp.PyArray_DATA(results)
+        cdef int approved_count
+        with nogil:
+            approved_count = apply_rows(&self.s, q, r, n, business_date)
+        self.arrays["meta"][2] = self.s.card_count
+        return approved_count
+
+    @property
+    def card_count(self):
+        return self.s.card_count
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk helpers for keyed hashes (issuance files, generated cards, PIN verification values)
+# ---------------------------------------------------------------------------------------------
+
+def hash_digit_numbers(cnp.ndarray[cnp.uint64_t, ndim=1] numbers not None, int width,
+                       bytes key16 not None):
+    """SipHash-2-4 of each number written as `width` ASCII digits (zero-filled): the same bytes
+    the codec hashes for a PAN of that length. Returns uint64 hashes."""
+    if len(key16) != 16 or width < 1 or width > 19:
+        raise ValueError("hash_digit_numbers: key must be 16 bytes and width 1..19")
+    cdef uint64_t k0 = int.from_bytes(key16[:8], "little")
+    cdef uint64_t k1 = int.from_bytes(key16[8:], "little")
+    cdef Py_ssize_t i, n = numbers.shape[0]
+    cdef cnp.ndarray[cnp.uint64_t, ndim=1] out = np.empty(n, dtype=np.uint64)
+    cdef unsigned char buf[20]
+    cdef uint64_t v
+    cdef int j
+    with nogil:
+        for i in range(n):
+            v = numbers[i]
+            for j in range(width - 1, -1, -1):
+                buf[j] = 48 + <unsigned char>(v % 10)
+                v //= 10
+            out[i] = siphash24(k0, k1, buf, width)
+    return out
+
+
+def pvv_array(cnp.ndarray[cnp.uint64_t, ndim=1] pan_hashes not None, bytes pin not None,
+              bytes key16 not None):
+    """PIN verification values of one PIN for many cards: low 32 bits of
+    SipHash(key, pan_hash as 8 little-endian bytes + PIN digits). Never stores the PIN."""
+    if len(key16) != 16 or not (4 <= len(pin) <= 12):
+        raise ValueError("pvv_array: key must be 16 bytes and the PIN 4..12 digits")
+    cdef uint64_t k0 = int.from_bytes(key16[:8], "little")
+    cdef uint64_t k1 = int.from_bytes(key16[8:], "little")
+    cdef Py_ssize_t i, n = pan_hashes.shape[0]
+    cdef cnp.ndarray[cnp.uint32_t, ndim=1] out = np.empty(n, dtype=np.uint32)
+    cdef unsigned char buf[20]
+    cdef int j, plen = len(pin)
+    cdef const unsigned char* p = <const unsigned char*>(<char*>pin)
+    cdef uint64_t h
+    for j in range(plen):
+        buf[8 + j] = p[j]
+    with nogil:
+        for i in range(n):
+            h = pan_hashes[i]
+            for j in range(8):
+                buf[j] = <unsigned char>((h >> (8 * j)) & 0xFF)
+            out[i] = <uint32_t>siphash24(k0, k1, buf, 8 + plen)
+    return out
+
+
+def rebuild_card_indexes(dict arrays):
+    """Rebuild the PAN and person indexes from the columns (after growth or a checkpoint load)."""
+    cdef cnp.ndarray pan_index = arrays["pan_index"], person_index = arrays["person_index"]
+    cdef int32_t* pt = <int32_t*>_ptr(pan_index)
+    cdef int32_t* qt = <int32_t*>_ptr(person_index)
+    cdef uint64_t pmask = pan_index.shape[0] - 1, qmask = person_index.shape[0] - 1
+    cdef uint64_t* pan = <uint64_t*>_ptr(arrays["pan_hash"])
+    cdef uint64_t* person = <uint64_t*>_ptr(arrays["person_hash"])
+    cdef uint8_t* status = <uint8_t*>_ptr(arrays["status"])
+    cdef int64_t i, n = arrays["meta"][2]
+    pan_index.fill(-1)
+    person_index.fill(-1)
+    with nogil:
+        for i in range(n):
+            card_index_set(pt, pmask, pan, pan[i], <int32_t>i)
+        for i in range(n):
+            if status[i] != CARD_REPLACED and status[i] != CARD_CANCELLED:
+                card_index_set(qt, qmask, person, person[i], <int32_t>i)
+
+
+def hash_rows(cnp.ndarray[cnp.uint8_t, ndim=2] rows not None, bytes key16 not None):
+    """SipHash-2-4 of each row of a C-contiguous (n, width) uint8 array (ASCII text of fixed
+    width: 社会保障号码, PANs). Returns uint64 hashes."""
+    if len(key16) != 16:
+        raise ValueError("hash_rows: key must be 16 bytes")
+    if not rows.flags.c_contiguous:
+        raise ValueError("hash_rows: rows must be C-contiguous")
+    cdef uint64_t k0 = int.from_bytes(key16[:8], "little")
+    cdef uint64_t k1 = int.from_bytes(key16[8:], "little")
+    cdef Py_ssize_t i, n = rows.shape[0], w = rows.shape[1]
+    cdef cnp.ndarray[cnp.uint64_t, ndim=1] out = np.empty(n, dtype=np.uint64)
+    cdef const unsigned char* base = <const unsigned char*>cnp.PyArray_DATA(rows)
+    with nogil:
+        for i in range(n):
+            out[i] = siphash24(k0, k1, base + i * w, w)
+    return out

@@ -1,0 +1,166 @@
+"""The engine's state as a dict of numpy arrays: card columns, indexes, policy tables,
+institutions, terminals, the transaction ring. One place creates them, so checkpoints (which
+save and load exactly this dict) and the Core agree on names, dtypes and shapes.
+
+Memory per card: 93 bytes of columns + 2 indexes × 2 buckets × 4 bytes = 109 bytes
+(DESIGN.md §3 allows 128). bench/bench_engine.py measures it with 10 million cards.
+"""
+import numpy as np
+
+from .config import NodeConfig
+from .layouts import InstKind, POLICY_DTYPE, TXN_DTYPE, BANDS_MAX, Cmd
+
+VISIT_TYPES = (11, 14, 21, 41)       # index = visit kind in the dense policy table
+LEVELS = 4                           # hospital level 0..3
+PERSON_TYPES = {"in_service": (0,), "retired": (1,), "any": (0, 1)}
+KINDS = {"hospital": InstKind.HOSPITAL, "pharmacy": InstKind.PHARMACY, "bank": InstKind.BANK,
+         "merchant": InstKind.MERCHANT}
+META_TXN_COUNT, META_WARNINGS, META_CARD_COUNT, META_TRIES_SOCIAL, META_TRIES_BANK = range(5)
+META_SIZE = 16
+
+# (name, dtype, values per card) of every per-card column
+CARD_COLUMNS = (
+    ("pan_hash", np.uint64, 1), ("person_hash", np.uint64, 1),
+    ("ins_balance_fen", np.int64, 1), ("fin_balance_fen", np.int64, 1),
+    ("ded_used_fen", np.int64, 2), ("fund_paid_fen", np.int64, 2), ("admissions", np.uint16, 2),
+    ("acc_year", np.uint16, 1), ("pvv_social", np.uint32, 1), ("pvv_bank", np.uint32, 1),
+    ("payer_slot", np.int32, 1), ("temp_loss_until", np.uint32, 1),
+    ("region_index", np.uint8, 1), ("ins_type_index", np.uint8, 1), ("person_type", np.uint8, 1),
+    ("status", np.uint8, 1), ("card_flags", np.uint8, 1), ("tries_social", np.uint8, 1),
+    ("tries_bank", np.uint8, 1), ("expiry_yymm", np.uint16, 1),
+)
+
+
+class ConfigError(ValueError):
+    """The node configuration is inconsistent; the message names the entry and the remedy."""
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def card_arrays(capacity: int) -> dict:
+    """Empty card columns and indexes for `capacity` cards (indexes at load ≤ 0.5)."""
+    arrays = {}
+    for name, dtype, width in CARD_COLUMNS:
+        arrays[name] = np.zeros(capacity * width, dtype=dtype)
+    arrays["payer_slot"].fill(-1)
+    buckets = _pow2_at_least(max(2 * capacity, 16))
+    arrays["pan_index"] = np.full(buckets, -1, dtype=np.int32)
+    arrays["person_index"] = np.full(buckets, -1, dtype=np.int32)
+    return arrays
+
+
+def policy_arrays(config: NodeConfig) -> dict:
+    """Dense policy table [region][ins type][person type][visit kind][level] → policy row."""
+    regions = {r.code: i for i, r in enumerate(config.regions)}
+    ins_types = {t.code: i for i, t in enumerate(config.ins_types)}
+    if len(regions) > 255 or len(ins_types) > 255:
+        raise ConfigError("at most 255 regions and 255 insurance types per node: split the node")
+    policy_of = np.full((len(regions), len(ins_types), 2, len(VISIT_TYPES), LEVELS), -1, dtype=np.int16)
+    policies = np.zeros(len(config.policies), dtype=POLICY_DTYPE)
+    for pid, p in enumerate(config.policies):
+        where = f"policies[{pid}] ({p.name})"
+        if len(p.bands) > BANDS_MAX:
+            raise ConfigError(f"{where}: {len(p.bands)} bands, at most {BANDS_MAX}")
+        row = policies[pid]
+        row["deductible_first_fen"] = p.deductible_first_fen
+        row["deductible_later_fen"] = p.deductible_later_fen if p.per_admission else p.deductible_first_fen
+        row["cap_fen"] = p.cap_fen
+        row["band_count"] = len(p.bands)
+        for k, band in enumerate(p.bands):
+            row["band_upper_fen"][k] = band.upper_fen if band.upper_fen is not None else np.iinfo(np.int64).max
+            row["band_ratio_bp"][k] = band.ratio_bp
+            if not 0 <= band.ratio_bp <= 10000:
+                raise ConfigError(f"{where}: band {k} ratio_bp {band.ratio_bp}, expecting 0..10000")
+        row["per_admission"] = p.per_admission
+        row["acc_group"] = 1 if 21 in p.visit_types else 0
+        row["fund_pays"] = p.fund_pays
+        r_idx = list(regions.values()) if p.region is None else [regions.get(p.region, -1)]
+        t_idx = list(ins_types.values()) if p.ins_type is None else [ins_types.get(p.ins_type, -1)]
+        if -1 in r_idx or -1 in t_idx:
+            raise ConfigError(f"{where}: region {p.region} or insurance type {p.ins_type} is not configured")
+        levels = p.levels or list(range(LEVELS))
+        for v in p.visit_types:
+            if v not in VISIT_TYPES:
+                raise ConfigError(f"{where}: visit type {v}, expecting one of {VISIT_TYPES}")
+            for r in r_idx:
+                for t in t_idx:
+                    for person in PERSON_TYPES[p.person_type]:
+                        for level in levels:
+                            # the first matching policy in the file wins: specific ones go first
+                            cell = policy_of[r, t, person, VISIT_TYPES.index(v), level]
+                            if cell < 0:
+                                policy_of[r, t, person, VISIT_TYPES.index(v), level] = pid
+    return {
+        "policy_of": policy_of.reshape(-1),
+        "policies": policies,
+        "region_codes": np.array([r.code for r in config.regions], dtype=np.uint32),
+        "region_temp_loss_days": np.array([r.temp_loss_days for r in config.regions], dtype=np.uint8),
+        "ins_type_codes": np.array([t.code for t in config.ins_types], dtype=np.uint16),
+    }
+
+
+def registry_arrays(config: NodeConfig) -> dict:
+    regions = {r.code: i for i, r in enumerate(config.regions)}
+    inst_index = {}
+    kind = np.zeros(len(config.institutions), dtype=np.uint8)
+    region = np.zeros(len(config.institutions), dtype=np.uint8)
+    level = np.zeros(len(config.institutions), dtype=np.uint8)
+    for i, inst in enumerate(config.institutions):
+        if inst.code in inst_index:
+            raise ConfigError(f"institutions[{i}]: code appears twice")
+        if inst.region not in regions:
+            raise ConfigError(f"institutions[{i}] ({inst.code}): region {inst.region} is not configured")
+        inst_index[inst.code] = i
+        kind[i] = KINDS[inst.kind]
+        region[i] = regions[inst.region]
+        level[i] = inst.level
+    term_inst = np.zeros(len(config.terminals), dtype=np.int32)
+    for i, term in enumerate(config.terminals):
+        if term.institution not in inst_index:
+            raise ConfigError(f"terminals[{i}] ({term.terminal_id}): institution {term.institution} is not configured")
+        term_inst[i] = inst_index[term.institution]
+    return {"inst_kind": kind, "inst_region": region, "inst_level": level, "term_inst": term_inst}
+
+
+def txn_arrays(retention_count: int) -> dict:
+    """The transaction ring (idempotency, reversals, originals), `retention_count` entries."""
+    n = _pow2_at_least(max(retention_count, 16))
+    return {
+        "txns": np.zeros(n, dtype=TXN_DTYPE),
+        "idem_index": np.full(2 * n, -1, dtype=np.int32),
+        "rev_index": np.full(2 * n, -1, dtype=np.int32),
+    }
+
+
+def limits_array(config: NodeConfig) -> np.ndarray:
+    limits = np.zeros(64, dtype=np.int64)
+    limits[Cmd.PURCHASE] = config.limits.purchase_fen_max
+    limits[Cmd.WITHDRAW] = config.limits.withdrawal_fen_max
+    limits[Cmd.TRANSFER] = config.limits.transfer_fen_max
+    limits[Cmd.DEPOSIT] = config.limits.deposit_fen_max
+    return limits
+
+
+def new_state(config: NodeConfig, card_capacity: int, txn_retention_count: int) -> dict:
+    arrays = {}
+    arrays.update(card_arrays(card_capacity))
+    arrays.update(policy_arrays(config))
+    arrays.update(registry_arrays(config))
+    arrays.update(txn_arrays(txn_retention_count))
+    arrays["limits_fen"] = limits_array(config)
+    meta = np.zeros(META_SIZE, dtype=np.uint64)
+    meta[META_TRIES_SOCIAL] = config.limits.pin_tries_social_max
+    meta[META_TRIES_BANK] = config.limits.pin_tries_bank_max
+    arrays["meta"] = meta
+    return arrays
+
+
+def card_bytes(arrays: dict) -> int:
+    """Bytes held per card slot by card columns and card indexes."""
+    names = [c[0] for c in CARD_COLUMNS] + ["pan_index", "person_index"]
+    return sum(arrays[n].nbytes for n in names)
