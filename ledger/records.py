@@ -49,7 +49,9 @@ def sanitize_requests(requests: np.ndarray, results: np.ndarray) -> None:
     outcome = results["pin_outcome"]
     flags = requests["flags"] & np.uint8(~ReqFlag.PIN & 0xFF)
     flags = np.where(given & (outcome == 1), flags | ReqFlag.PIN_REPLAY_OK, flags)
-    flags = np.where(given & (outcome == 2), flags | ReqFlag.PIN_REPLAY_BAD, flags)
-    # a PIN given but not checked (rejected before the PIN step) is simply not given on replay
+    # Given but not found right: wrong (2), or not compared (0) because the message stopped
+    # before the PIN step or the PIN was locked. Replay reaches the PIN step in exactly the same
+    # cases, and there a locked PIN answers 75 without counting, so "wrong" replays exactly.
+    flags = np.where(given & (outcome != 1), flags | ReqFlag.PIN_REPLAY_BAD, flags)
     requests["flags"] = flags
     requests["pin_pvv"] = np.where(requests["cmd"] == 32, requests["pin_pvv"], 0)   # ISSUE: bank PVV is state
