@@ -530,6 +530,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         r.outcome_flags &= ~(RES_ADMISSION | RES_CUMULATIVE)
         report_balances(s, slot, r)
         return RC_51
+    r.amount_fen = q.amount_fen
     r.fund_fen = fund_fen
     r.deductible_fen = ded_fen
     r.ins_leg_fen = ins_fen
