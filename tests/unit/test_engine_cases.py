@@ -62,8 +62,12 @@ def test_case_d_declined_then_partial(demo):
 
 
 def test_chongqing_identities(demo):
-    """Real record (Chongqing retiree, inpatient): I1, I2 and I3 of DOMAIN.md with FP given by
-    the platform (fund 18,785.39 + hospital share 505.01, the part the patient does not pay)."""
+    """Real record (Chongqing retiree, inpatient), with the fund given by the platform (FP).
+
+    The wire has no field for the hospital's share (医院负担, 505.01): the engine settles
+    total = fund + insurance leg + financial leg + cash, so the hospital share stays inside the
+    amount left to collect at the counter; docs/engine.md says why.
+    """
     engine, keys = demo
     fo, ol, ps, is_ = 253397, 139689, 70344, 1880816
     total = 2344246
@@ -79,10 +83,10 @@ def test_chongqing_identities(demo):
     assert rc_str(apply(engine, q)["code"]) == "00"
     from yikatong.engine.demo import generated_pans
     pan = generated_pans(5000, 1).tobytes().decode()
-    r = apply(engine, medical(engine, keys, pan, "T0000001", total, fo, ol, ps, is_,
-                              fp_fen=fund + hospital_share, pa=True))
-    assert legs(r) == ("10", 1929040, 17004, 0, 398202)
-    assert r["ins_leg_fen"] + r["cash_fen"] == patient_share    # I3
+    r = apply(engine, medical(engine, keys, pan, "T0000001", total, fo, ol, ps, is_, fp_fen=fund, pa=True))
+    assert legs(r) == ("10", 1878539, 17004, 0, 398202 + hospital_share)
+    assert r["ins_leg_fen"] + r["cash_fen"] - hospital_share == patient_share    # I3
+    assert r["fund_fen"] + r["ins_leg_fen"] + r["cash_fen"] == total
     assert r["deductible_fen"] == 0                              # FP skips the local policy
 
 
