@@ -164,6 +164,8 @@ class Reference:
     # ---- one message -------------------------------------------------------------------------
     def apply(self, q, bd: int) -> dict:
         """Apply one request (a numpy row or a dict with the request fields) under date `bd`."""
+        if not isinstance(q, dict):       # numpy scalars wrap on shifts: plain ints only
+            q = {name: int(q[name]) for name in q.dtype.names}
         res = blank_result(q, bd)
         res["code"] = self._apply(q, res, bd)
         return res

@@ -1,0 +1,184 @@
+"""Random command sequences through the Cython engine and the pure-Python reference model:
+every result row and every card's state must agree, and DESIGN.md §6 invariants 1–5 must hold
+after every batch."""
+import numpy as np
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from yikatong.engine import Cmd, Engine, ReqFlag, ResFlag, rc, RESULT_DTYPE
+from yikatong.engine.builders import request
+from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
+from yikatong.engine.demo import demo_config, genesis_batches, generated_pans, NAMED_CARDS
+from yikatong.engine.reference import Reference
+
+KEYS = CardKeys(DEMO_DATA_KEY)
+GENERATED = 6
+PANS = [c[0] for c in NAMED_CARDS] + [p.decode() for p in generated_pans(0, GENERATED).view("S16").ravel()] \
+    + ["6214830000009999"]                       # unknown card
+MED_TERMINALS = ["T0000001", "T0000002", "T0000003", "T0000007"]
+KINDS = ["med", "med", "med", "presettle", "cancel", "purchase", "purchase", "void", "refund",
+         "deposit", "withdraw", "transfer", "reversal", "reversal", "balance", "repeat", "repeat_other",
+         "bind", "unbind", "pharmacy"]
+DATES = [20261124, 20261124, 20261125, 20261231, 20270101]
+
+op = st.tuples(
+    st.sampled_from(KINDS),
+    st.integers(0, len(PANS) - 1),                                 # card
+    st.one_of(st.integers(0, 300_000), st.integers(0, 30_000_000)),  # amount
+    st.integers(0, 255),                                           # random bits: flags, PIN, splits
+    st.integers(0, 10_000),                                        # reference to an earlier message
+)
+
+
+def build(engine, op_tuple, history, stan_counter):
+    kind, card, amount, bits, ref = op_tuple
+    pan = PANS[card]
+    pin = [None, "888888", "000000", "147258"][bits & 3]
+    stan_counter[0] += 1
+    stan = stan_counter[0]
+    if kind in ("med", "presettle", "pharmacy"):
+        fo = amount * ((bits >> 2) & 3) // 20
+        ol = amount * ((bits >> 4) & 1) // 50
+        ps = amount * ((bits >> 5) & 1) // 30
+        in_scope = amount - fo - ol - ps + (1 if bits & 0x80 and bits & 0x40 else 0)   # sometimes broken (13)
+        flags = (ReqFlag.AU if bits & 0x40 or not bits & 0x80 else 0) | (ReqFlag.PA if bits & 0x10 else 0)
+        fp = {}
+        if bits & 0x20 and bits & 0x08:
+            flags |= ReqFlag.FP
+            fp = {"fp_fen": in_scope * ((bits >> 1) & 7) // 6}           # > IS sometimes (13)
+        med_type = 41 if kind == "pharmacy" else [21, 11, 14, 21][(bits >> 6) & 3]
+        terminal = "T0000004" if kind == "pharmacy" else MED_TERMINALS[ref % 4]
+        return request(engine, KEYS, Cmd.MED_PRESETTLE if kind == "presettle" else Cmd.MED_SETTLE,
+                       pan=pan, terminal=terminal, amount_fen=amount, stan=stan, fo_fen=fo, ol_fen=ol,
+                       ps_fen=ps, is_fen=in_scope, med_type=med_type, flags=flags, pin=pin if bits & 0x80 else None, **fp)
+    if kind in ("cancel", "void", "refund"):
+        cmd = {"cancel": Cmd.MED_CANCEL, "void": Cmd.VOID, "refund": Cmd.REFUND}[kind]
+        terminal = "T0000001" if kind == "cancel" else "T0000006"
+        if history:
+            orig = history[ref % len(history)][0]
+            pan_used = pan if bits & 0x80 else None
+            q = request(engine, KEYS, cmd, terminal=terminal, stan=stan,
+                        amount_fen=int(orig["amount_fen"]) if kind != "refund" else amount % 200000,
+                        orig_rrn=ref % 40 + 1)
+            q["pan_hash"] = orig["pan_hash"] if pan_used is None else KEYS.pan_hash(pan_used)
+            return q
+        return request(engine, KEYS, cmd, pan=pan, terminal=terminal, stan=stan, amount_fen=amount, orig_rrn=ref % 40 + 1)
+    if kind in ("purchase", "deposit", "withdraw", "transfer", "balance"):
+        cmd = {"purchase": Cmd.PURCHASE, "deposit": Cmd.DEPOSIT, "withdraw": Cmd.WITHDRAW,
+               "transfer": Cmd.TRANSFER, "balance": Cmd.BALANCE}[kind]
+        terminal = {"purchase": "T0000006", "balance": "T0000003"}.get(kind, "T0000005")
+        extra = {"pan2": PANS[ref % len(PANS)]} if kind == "transfer" else {}
+        return request(engine, KEYS, cmd, pan=pan, terminal=terminal, stan=stan,
+                       amount_fen=amount // 10 if kind != "balance" else 0, pin=pin, **extra)
+    if kind == "reversal":
+        if history and bits & 1:
+            q = history[ref % len(history)].copy()
+            q["cmd"] = Cmd.REVERSAL
+            q["flags"] &= np.uint8(~ReqFlag.PIN & 0xFF)
+            q["idem_key"] ^= np.uint64(0x4000)        # MTI class 04 in the key        # MTI class 04 in the key
+            return q
+        # a reversal of something not (yet) seen: tombstones (terminal, batch, stan + 1)
+        return request(engine, KEYS, Cmd.REVERSAL, pan=pan, terminal="T0000006", stan=stan + 1)
+    if kind in ("repeat", "repeat_other"):
+        if not history:
+            return request(engine, KEYS, Cmd.BALANCE, pan=pan, terminal="T0000003", stan=stan, pin=pin)
+        q = history[ref % len(history)].copy()
+        if kind == "repeat_other":
+            q["content_hash"] ^= np.uint64(1)
+        return q
+    if kind in ("bind", "unbind"):
+        q = request(engine, KEYS, Cmd.FAMILY_BIND if kind == "bind" else Cmd.FAMILY_UNBIND,
+                    pan=pan, pan2=PANS[ref % len(PANS)], stan=stan)
+        q["idem_key"] = 0
+        return q
+    raise AssertionError(kind)
+
+
+def card_state_engine(engine, slot):
+    a = engine.arrays
+    return (int(a["ins_balance_fen"][slot]), int(a["fin_balance_fen"][slot]),
+            [int(x) for x in a["ded_used_fen"][2 * slot:2 * slot + 2]],
+            [int(x) for x in a["fund_paid_fen"][2 * slot:2 * slot + 2]],
+            [int(x) for x in a["admissions"][2 * slot:2 * slot + 2]], int(a["acc_year"][slot]),
+            int(a["tries_social"][slot]), int(a["tries_bank"][slot]), int(a["payer_slot"][slot]),
+            int(a["status"][slot]))
+
+
+def card_state_reference(ref, slot):
+    c = ref.cards[slot]
+    return (c.ins, c.fin, c.ded_used, c.fund_paid, c.admissions, c.acc_year, c.tries_social,
+            c.tries_bank, c.payer, c.status)
+
+
+def check_invariants(engine, requests, results, before_total_fen):
+    """DESIGN.md §6 invariants 1–5 on one applied batch."""
+    a = engine.arrays
+    n = engine.card_count
+    ins, fin = a["ins_balance_fen"][:n], a["fin_balance_fen"][:n]
+    assert (ins >= 0).all() and (fin >= 0).all()                                  # 1
+    effective = ((results["outcome_flags"] & ResFlag.POSTED) != 0) & \
+                ((results["outcome_flags"] & ResFlag.DUPLICATE) == 0) & (results["cmd"] != Cmd.ISSUE)
+    med = effective & (results["cmd"] == Cmd.MED_SETTLE)
+    for r, q in zip(results[med], requests[med]):
+        assert r["amount_fen"] == r["fund_fen"] + r["ins_leg_fen"] + r["aid_leg_fen"] + r["fin_leg_fen"] + r["cash_fen"]  # 3
+        assert q["fo_fen"] + q["ol_fen"] + q["ps_fen"] + q["is_fen"] == q["amount_fen"]               # 3 (I1)
+        share = r["amount_fen"] - r["fund_fen"]
+        if q["flags"] & ReqFlag.AU:                                                                   # 2
+            assert r["ins_leg_fen"] == min(share, r["ins_balance_fen"] + r["ins_leg_fen"])
+        else:
+            assert r["ins_leg_fen"] == 0 and r["aid_leg_fen"] == 0
+        assert r["cash_fen"] == 0 or q["flags"] & ReqFlag.PA
+    # 4: money is conserved: the balances moved by exactly the legs (a transfer moves it between cards)
+    legs = results["ins_leg_fen"] + results["aid_leg_fen"] + results["fin_leg_fen"]
+    transfer_like = effective & (results["other_slot"] >= 0) & \
+        ((results["cmd"] == Cmd.TRANSFER) | (results["cmd"] == Cmd.REVERSAL))
+    expected = before_total_fen - int(legs[effective].sum()) + int(results["fin_leg_fen"][transfer_like].sum())
+    assert int(ins.sum()) + int(fin.sum()) == expected
+    # 5: a duplicate answers what the first answer said and moves nothing (checked through 4 too)
+    dup = (results["outcome_flags"] & ResFlag.DUPLICATE) != 0
+    assert (results["rrn"][dup] == results["orig_rrn"][dup]).all()
+
+
+def total_fen(engine):
+    n = engine.card_count
+    return int(engine.arrays["ins_balance_fen"][:n].sum()) + int(engine.arrays["fin_balance_fen"][:n].sum())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, min_size=10, max_size=150), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8))
+def test_engine_matches_reference(ops, cuts, date_picks):
+    config = demo_config()
+    engine = Engine(config, card_capacity=len(NAMED_CARDS) + GENERATED, txn_retention_count=4096)
+    ref = Reference(config)
+    for batch in genesis_batches(KEYS, GENERATED):
+        engine.apply_batch(batch, business_date=20261124)
+        for q in batch:
+            ref.apply(q, 20261124)
+    history, stan_counter, position = [], [0], 0
+    dates = sorted(DATES[i] for i in date_picks)       # business dates never decrease
+    for b, cut in enumerate(cuts + [len(ops)]):
+        chunk = ops[position:position + cut]
+        position += cut
+        if not chunk:
+            break
+        requests = np.concatenate([build(engine, o, history, stan_counter) for o in chunk])
+        bd = dates[b % len(dates)] if b < len(dates) else dates[-1]
+        before = total_fen(engine)
+        results = engine.apply_batch(requests, business_date=bd)
+        for i, q in enumerate(requests):
+            expected = ref.apply(q, bd)
+            got = {name: int(results[i][name]) for name in expected}
+            assert got == expected, (i, int(q["cmd"]), {k: (got[k], v) for k, v in expected.items() if got[k] != v})
+        check_invariants(engine, requests, results, before)
+        _count_codes(results)
+        for slot in range(engine.card_count):
+            assert card_state_engine(engine, slot) == card_state_reference(ref, slot), slot
+        history.extend(requests[i:i + 1].copy() for i in range(len(requests)) if requests[i]["cmd"] != Cmd.REVERSAL)
+
+
+CODE_COUNTS = {}
+
+
+def _count_codes(results):
+    for code in results["code"]:
+        CODE_COUNTS[int(code)] = CODE_COUNTS.get(int(code), 0) + 1
