@@ -26,7 +26,25 @@ PACKAGES = {
 }
 
 
+def cython_include_tree() -> str:
+    """A shadow tree `yikatong/{engine,ledger,protocols}` → the source folders, so that Cython
+    finds each module's .pxd under its installed name (yikatong.engine._core) and modules can
+    `from yikatong.engine._core cimport Request` across folders."""
+    root = HERE / "build" / "cython-include"
+    shadow = root / "yikatong"
+    shadow.mkdir(parents=True, exist_ok=True)
+    (shadow / "__init__.pxd").touch()
+    for package, folder in PACKAGES.items():
+        if package == "yikatong":
+            continue
+        link = shadow / package.split(".", 1)[1]
+        if not link.exists():
+            link.symlink_to(HERE / folder, target_is_directory=True)
+    return str(root)
+
+
 def extensions():
+    include_tree = cython_include_tree()
     exts = []
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if DEBUG:
@@ -60,7 +78,7 @@ def extensions():
             "embedsignature": True,
         },
         annotate=bool(os.environ.get("YIKATONG_ANNOTATE")),
-        include_path=[str(HERE / f) for f in PACKAGES.values()],
+        include_path=[include_tree],
     )
 
 

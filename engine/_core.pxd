@@ -211,6 +211,13 @@ ctypedef struct Txn:
     uint8_t acc_group
     uint8_t reserved0[6]
 
+# A bucket of the transaction indexes: the key is kept beside the ring position, so probing never
+# touches the ring (one cache line per probe instead of two). 16 bytes.
+ctypedef struct Bucket:
+    uint64_t key
+    int32_t pos                    # ring position, -1 = empty
+    uint32_t reserved0
+
 # A medical policy (参保地政策) row.
 ctypedef struct Policy:
     int64_t deductible_first_fen   # per admission: first admission; per year: the yearly amount
@@ -272,8 +279,8 @@ ctypedef struct State:
     # transactions: a ring of Txn and two indexes over it
     Txn* txns
     uint64_t txn_mask              # ring capacity - 1 (power of two)
-    int32_t* idem_index
-    int32_t* rev_index
+    Bucket* idem_index
+    Bucket* rev_index
     uint64_t txn_index_mask
     uint64_t* counters             # [0] transactions so far (next RRN - 1), [1] configuration warnings
     # parameters

@@ -52,7 +52,7 @@ def demo_config() -> NodeConfig:
         ["H11000000000001", "H11000000000002", "H31000000000001", "P11000000000001",
          "B11000000000001", "M11000000000001"], start=1)]
     terminals.append(TerminalSpec("T0000007", "H11000000000001", "cups-ecb", DEMO_TMK_HEX))
-    terminals += [TerminalSpec(f"T1{k:07d}", "H11000000000001", tmk_hex=DEMO_TMK_HEX) for k in range(256)]
+    terminals += [TerminalSpec(f"T1{k:06d}", "H11000000000001", tmk_hex=DEMO_TMK_HEX) for k in range(256)]
     return NodeConfig(
         institution_id=ENGINE_INSTITUTION_ID,
         regions=[RegionSpec(bj, "Beijing 北京", 7), RegionSpec(sh, "Shanghai 上海", 7)],
@@ -76,7 +76,7 @@ NAMED_CARDS = (
 )
 FAMILY_AID = (("6214830000000041", "6214830000000082"),)   # (beneficiary, payer)
 
-GENERATED_TERMINALS = tuple(f"T1{k:07d}" for k in range(256))
+GENERATED_TERMINALS = tuple(f"T1{k:06d}" for k in range(256))
 
 
 def luhn_check_digit(digits: np.ndarray) -> np.ndarray:

@@ -127,13 +127,26 @@ def registry_arrays(config: NodeConfig) -> dict:
     return {"inst_kind": kind, "inst_region": region, "inst_level": level, "term_inst": term_inst}
 
 
+BUCKET_DTYPE = np.dtype([("key", "<u8"), ("pos", "<i4"), ("reserved0", "<u4")])
+
+
+def _empty_buckets(n: int) -> np.ndarray:
+    buckets = np.zeros(n, dtype=BUCKET_DTYPE)
+    buckets["pos"] = -1
+    return buckets
+
+
 def txn_arrays(retention_count: int) -> dict:
     """The transaction ring (idempotency, reversals, originals), `retention_count` entries."""
     n = _pow2_at_least(max(retention_count, 16))
+    # Touch every page now (np.zeros maps lazily): first-touch page faults would otherwise land
+    # on the hot path and cost more than the apply itself (measured: half the time of 1 M applies).
+    txns = np.empty(n, dtype=TXN_DTYPE)
+    txns.view(np.uint8).fill(0)
     return {
-        "txns": np.zeros(n, dtype=TXN_DTYPE),
-        "idem_index": np.full(2 * n, -1, dtype=np.int32),
-        "rev_index": np.full(2 * n, -1, dtype=np.int32),
+        "txns": txns,
+        "idem_index": _empty_buckets(2 * n),
+        "rev_index": _empty_buckets(2 * n),
     }
 
 
