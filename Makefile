@@ -12,7 +12,10 @@ $(VENV)/bin/python:
 
 # Reinstall when any source the build reads changes.
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd protocols/*.pyx protocols/*.pxd)
+# The build runs without isolation so that the extensions compile against the numpy the venv
+# runs (one ABI); its build requirements (pyproject.toml) are therefore installed first.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install -q "setuptools>=68" wheel "Cython>=3.0,<4" "numpy>=1.26"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
