@@ -17,12 +17,14 @@ from setuptools import Extension, setup
 HERE = pathlib.Path(__file__).parent
 DEBUG = os.environ.get("YIKATONG_DEBUG", "") not in ("", "0")
 
-# folder → package it is installed as
+# folder → package it is installed as (a part not written yet is skipped)
 PACKAGES = {
-    "yikatong": "cli",
-    "yikatong.engine": "engine",
-    "yikatong.ledger": "ledger",
-    "yikatong.protocols": "protocols",
+    package: folder for package, folder in {
+        "yikatong": "cli",
+        "yikatong.engine": "engine",
+        "yikatong.ledger": "ledger",
+        "yikatong.protocols": "protocols",
+    }.items() if (HERE / folder / "__init__.py").exists()
 }
 
 
@@ -38,7 +40,7 @@ def cython_include_tree() -> str:
         if package == "yikatong":
             continue
         link = shadow / package.split(".", 1)[1]
-        if not link.exists():
+        if not os.path.lexists(link):
             link.symlink_to(HERE / folder, target_is_directory=True)
     return str(root)
 

@@ -27,8 +27,20 @@ cdef enum:
     CMD_TRANSFER = 10        # 0200 400000 60.1=93   (reversible)
     CMD_REVERSAL = 11        # 0400, any reversible command
     CMD_ISSUE = 32           # issuance (制卡): creates the card
+    CMD_ACTIVATE_SOCIAL = 33 # activate the social function (ISSUED → ACTIVE)
+    CMD_ACTIVATE_FIN = 34    # activate the financial function (bank side)
+    CMD_TEMP_LOSS = 35       # 临时挂失: lapses after the region's number of days
+    CMD_FORMAL_LOSS = 36     # 正式挂失 (med_type = 1: reported stolen); cannot be undone
+    CMD_UNLOSS = 37          # 解挂 of a temporary loss
+    CMD_REPLACE = 38         # 补换卡: pan2 = the new card; balances and accumulators carry over
+    CMD_CANCEL_CARD = 39     # 注销: refused while a balance remains unless pan2 receives it
     CMD_FAMILY_BIND = 40     # 家庭共济: pan2 (payer) pays for pan (beneficiary)
     CMD_FAMILY_UNBIND = 41
+    CMD_PIN_CHANGE = 42      # acct_type 0 social / 1 bank: old PIN verified, pin_pvv_new set
+    CMD_PIN_RESET = 43       # operator reset (identity checked at the counter): pin_pvv_new, tries 0
+    CMD_PIN_UNLOCK = 44      # operator unlock: tries 0
+    CMD_CREDIT_FIN = 45      # 代发: credit the financial account (pan, or person_hash → live card)
+    CMD_CREDIT_INS = 46      # 个人账户划入: credit the insurance account
     CMD_MAX = 63
 
 

@@ -522,7 +522,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     share_fen = q.amount_fen - fund_fen
     if q.flags & REQ_AU:
         ins_fen = imin(share_fen, s.ins_balance_fen[slot])
-        payer = s.payer_slot[slot]
+        payer = live_slot(s, s.payer_slot[slot])
         if payer >= 0 and card_usable(s, payer, bd):
             aid_fen = imin(share_fen - ins_fen, s.ins_balance_fen[payer])
         else:
@@ -789,6 +789,167 @@ cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, ui
     return RC_00
 
 
+cdef inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    # Howard Hinnant's algorithm: days since 1970-01-01 of a proleptic Gregorian date
+    cdef int64_t era, yoe, doy, doe
+    y -= m <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef inline uint32_t add_days(uint32_t yyyymmdd, int64_t days) noexcept nogil:
+    cdef int64_t z = days_from_civil(yyyymmdd // 10000, (yyyymmdd // 100) % 100, yyyymmdd % 100) + days
+    cdef int64_t era, doe, yoe, y, doy, mp, d, m
+    z += 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + (3 if mp < 10 else -9)
+    y += m <= 2
+    return <uint32_t>(y * 10000 + m * 100 + d)
+
+
+cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
+    """补换卡: everything the person owns moves to the new slot; the old one keeps a pointer."""
+    s.ins_balance_fen[new] = s.ins_balance_fen[old]
+    s.fin_balance_fen[new] = s.fin_balance_fen[old]
+    s.ins_balance_fen[old] = 0
+    s.fin_balance_fen[old] = 0
+    memcpy(&s.ded_used_fen[2 * new], &s.ded_used_fen[2 * old], 2 * sizeof(int64_t))
+    memcpy(&s.fund_paid_fen[2 * new], &s.fund_paid_fen[2 * old], 2 * sizeof(int64_t))
+    memcpy(&s.admissions[2 * new], &s.admissions[2 * old], 2 * sizeof(uint16_t))
+    s.acc_year[new] = s.acc_year[old]
+    s.person_hash[new] = s.person_hash[old]
+    s.region_index[new] = s.region_index[old]
+    s.ins_type_index[new] = s.ins_type_index[old]
+    s.person_type[new] = s.person_type[old]
+    s.card_flags[new] = s.card_flags[old] & ~(CF_STOLEN | CF_SOCIAL_PIN)
+    s.expiry_yymm[new] = s.expiry_yymm[old]
+    s.payer_slot[new] = s.payer_slot[old]
+    s.status[new] = CARD_ACTIVE
+    s.status[old] = CARD_REPLACED
+    s.payer_slot[old] = new               # the forward pointer live_slot follows
+    card_index_set(s.person_index, s.person_index_mask, s.person_hash, s.person_hash[new], new)
+
+
+cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
+    """Card lifecycle and money in (DOMAIN.md §1, §3). Each command checks the states it may
+    leave from; the table test walks every state × command."""
+    cdef uint8_t cmd = q.cmd
+    cdef uint8_t st = s.status[slot]
+    cdef int32_t other
+    cdef uint16_t code
+    cdef bint social = (q.acct_type & 1) == 0
+    if st == CARD_CANCELLED:
+        return RC_62
+    if st == CARD_REPLACED:
+        return RC_41
+    if cmd == CMD_ACTIVATE_SOCIAL:
+        if st != CARD_ISSUED:
+            return RC_41 if st == CARD_LOST else RC_12
+        s.status[slot] = CARD_ACTIVE
+    elif cmd == CMD_ACTIVATE_FIN:
+        if st == CARD_LOST or (st == CARD_TEMP_LOST and bd <= s.temp_loss_until[slot]):
+            return RC_41
+        if s.card_flags[slot] & CF_FIN_ACTIVE:
+            return RC_12
+        s.card_flags[slot] |= CF_FIN_ACTIVE
+    elif cmd == CMD_TEMP_LOSS:
+        if st == CARD_LOST:
+            return RC_12
+        s.status[slot] = CARD_TEMP_LOST
+        s.temp_loss_until[slot] = add_days(bd, s.region_temp_loss_days[s.region_index[slot]])
+    elif cmd == CMD_FORMAL_LOSS:
+        s.status[slot] = CARD_LOST
+        if q.med_type == 1:
+            s.card_flags[slot] |= CF_STOLEN
+    elif cmd == CMD_UNLOSS:
+        if st != CARD_TEMP_LOST:
+            return RC_12
+        s.status[slot] = CARD_ACTIVE
+    elif cmd == CMD_REPLACE:
+        if q.pan2_hash == 0:
+            return RC_12
+        if card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash) >= 0:
+            return RC_94
+        if s.card_count >= s.card_capacity:
+            return RC_96
+        other = <int32_t>s.card_count
+        s.card_count += 1
+        s.pan_hash[other] = q.pan2_hash
+        card_index_set(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash, other)
+        move_card(s, slot, other)
+        s.pvv_bank[other] = q.pin_pvv
+        s.pvv_social[other] = q.pin_pvv_new
+        r.other_slot = other
+        r.other_balance_fen = s.fin_balance_fen[other]
+    elif cmd == CMD_CANCEL_CARD:
+        if s.ins_balance_fen[slot] != 0 or s.fin_balance_fen[slot] != 0:
+            if q.pan2_hash == 0:
+                return RC_12                 # a balance remains and nobody receives it
+            other = live_slot(s, card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash))
+            if other < 0:
+                return RC_14
+            if other == slot or card_gate(s, other, True, bd) != 0:
+                return RC_57
+            r.ins_leg_fen = s.ins_balance_fen[slot]
+            r.fin_leg_fen = s.fin_balance_fen[slot]
+            s.ins_balance_fen[other] += s.ins_balance_fen[slot]
+            s.fin_balance_fen[other] += s.fin_balance_fen[slot]
+            s.ins_balance_fen[slot] = 0
+            s.fin_balance_fen[slot] = 0
+            r.other_slot = other
+            r.other_balance_fen = s.fin_balance_fen[other]
+        s.status[slot] = CARD_CANCELLED
+        s.card_flags[slot] &= ~CF_FIN_ACTIVE
+        card_index_delete(s.person_index, s.person_index_mask, s.person_hash, s.person_hash[slot])
+    elif cmd == CMD_PIN_CHANGE:
+        code = pin_gate(s, slot, q, r, social, True)
+        if code != 0:
+            return code
+        if social:
+            s.pvv_social[slot] = q.pin_pvv_new
+            s.card_flags[slot] |= CF_SOCIAL_PIN     # changed from the initial value: enabled
+        else:
+            s.pvv_bank[slot] = q.pin_pvv_new
+    elif cmd == CMD_PIN_RESET:
+        if social:
+            s.pvv_social[slot] = q.pin_pvv_new
+            s.tries_social[slot] = 0
+            s.card_flags[slot] &= ~CF_SOCIAL_PIN    # back to an initial PIN: not enabled
+        else:
+            s.pvv_bank[slot] = q.pin_pvv_new
+            s.tries_bank[slot] = 0
+    elif cmd == CMD_PIN_UNLOCK:
+        if social:
+            s.tries_social[slot] = 0
+        else:
+            s.tries_bank[slot] = 0
+    elif cmd == CMD_CREDIT_FIN:
+        code = card_gate(s, slot, True, bd)
+        if code != 0 and code != RC_54:             # an expired card still receives money
+            return code
+        s.fin_balance_fen[slot] += q.amount_fen
+        r.amount_fen = q.amount_fen
+        r.fin_leg_fen = -q.amount_fen
+    elif cmd == CMD_CREDIT_INS:
+        s.ins_balance_fen[slot] += q.amount_fen     # the account exists whatever the card's state
+        r.amount_fen = q.amount_fen
+        r.ins_leg_fen = -q.amount_fen
+    else:
+        return RC_12
+    r.outcome_flags |= RES_POSTED
+    report_balances(s, slot, r)
+    return RC_00
+
+
 cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
     """One message. The checks run in this order (docs/result-codes.md); the first that fails
     answers, and only the PIN counters move before the last check passes."""
@@ -806,8 +967,7 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noex
     if q.pre_code != 0:
         return q.pre_code
     # 2. unknown command
-    if cmd == 0 or cmd > CMD_MAX or (cmd > CMD_REVERSAL and cmd != CMD_ISSUE
-                                      and cmd != CMD_FAMILY_BIND and cmd != CMD_FAMILY_UNBIND):
+    if cmd == 0 or cmd > CMD_CREDIT_INS or (cmd > CMD_REVERSAL and cmd < CMD_ISSUE):
         return RC_12
     if not lifecycle:
         # 3. terminal registered (97), 4. institution is the terminal's (03)
@@ -887,11 +1047,16 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
     if cmd == CMD_REVERSAL:
         return cmd_reversal(s, q, r, bd)
     # 9. the card: unknown 14, then card_gate's order (43, 41, 62, 54)
-    slot = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash)
+    if q.pan_hash == 0 and q.person_hash != 0 and (cmd == CMD_CREDIT_FIN or cmd == CMD_CREDIT_INS):
+        slot = card_index_find(s.person_index, s.person_index_mask, s.person_hash, q.person_hash)
+    else:
+        slot = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash)
     if slot < 0:
         return RC_14
     r.card_slot = slot
     report_balances(s, slot, r)
+    if cmd > CMD_ISSUE and cmd != CMD_FAMILY_BIND and cmd != CMD_FAMILY_UNBIND:
+        return cmd_lifecycle(s, q, r, slot, bd)
     credit_back = cmd == CMD_VOID or cmd == CMD_REFUND or cmd == CMD_MED_CANCEL
     if credit_back:
         # Money goes back to where it came from even after a loss or a replacement.

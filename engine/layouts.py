@@ -78,8 +78,20 @@ class Cmd:
     TRANSFER = 10
     REVERSAL = 11
     ISSUE = 32
+    ACTIVATE_SOCIAL = 33
+    ACTIVATE_FIN = 34
+    TEMP_LOSS = 35
+    FORMAL_LOSS = 36
+    UNLOSS = 37
+    REPLACE = 38
+    CANCEL_CARD = 39
     FAMILY_BIND = 40
     FAMILY_UNBIND = 41
+    PIN_CHANGE = 42
+    PIN_RESET = 43
+    PIN_UNLOCK = 44
+    CREDIT_FIN = 45
+    CREDIT_INS = 46
 
 
 class ReqFlag:

@@ -76,8 +76,9 @@ ANSWER_FIELDS = ("code", "acc_group", "amount_fen", "fund_fen", "deductible_fen"
 
 
 class Reference:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, capacity: int = 1 << 62):
         self.config = config
+        self.capacity = capacity                     # the engine's card_capacity (96 beyond it)
         self.cards: list[Card] = []
         self.by_pan: dict[int, int] = {}
         self.live_by_person: dict[int, int] = {}
@@ -190,7 +191,7 @@ class Reference:
         lifecycle = cmd >= Cmd.ISSUE
         if q["pre_code"]:
             return q["pre_code"]
-        if cmd not in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, Cmd.ISSUE, Cmd.FAMILY_BIND, Cmd.FAMILY_UNBIND):
+        if not (1 <= cmd <= 11 or 32 <= cmd <= 46):
             return rc("12")
         term = q["terminal_index"]
         inst = q["institution_index"]
@@ -256,12 +257,17 @@ class Reference:
             return self.issue(q, res)
         if cmd == Cmd.REVERSAL:
             return self.reversal(q, res, bd, entry)
-        slot = self.by_pan.get(q["pan_hash"], -1)
+        if not q["pan_hash"] and q["person_hash"] and cmd in (Cmd.CREDIT_FIN, Cmd.CREDIT_INS):
+            slot = self.live_by_person.get(q["person_hash"], -1)
+        else:
+            slot = self.by_pan.get(q["pan_hash"], -1)
         if slot < 0:
             return rc("14")
         card = self.cards[slot]
         res["card_slot"] = slot
         res["ins_balance_fen"], res["fin_balance_fen"] = card.ins, card.fin
+        if cmd > Cmd.ISSUE and cmd not in (Cmd.FAMILY_BIND, Cmd.FAMILY_UNBIND):
+            return self.lifecycle(q, res, slot, bd)
         credit_back = cmd in (Cmd.VOID, Cmd.REFUND, Cmd.MED_CANCEL)
         if credit_back:
             if self.cards[self.live(slot)].status == CardStatus.CANCELLED:
@@ -364,8 +370,9 @@ class Reference:
         payer = -1
         if q["flags"] & ReqFlag.AU:
             ins = min(share, card.ins)
-            if card.payer >= 0 and self.card_gate(self.cards[card.payer], False, bd) == 0:
-                payer = card.payer
+            payer_now = self.live(card.payer)
+            if payer_now >= 0 and self.card_gate(self.cards[payer_now], False, bd) == 0:
+                payer = payer_now
                 aid = min(share - ins, self.cards[payer].ins)
         rest = share - ins - aid
         fin_avail = card.fin if card.flags & CardFlag.FIN_ACTIVE else 0
@@ -553,6 +560,8 @@ class Reference:
         live = self.live_by_person.get(q["person_hash"])
         if live is not None and self.cards[live].status not in (CardStatus.CANCELLED, CardStatus.REPLACED):
             return rc("57")
+        if len(self.cards) >= self.capacity:
+            return rc("96")
         slot = len(self.cards)
         self.cards.append(Card(q["pan_hash"], q["person_hash"], q["amount_fen"], q["amount2_fen"],
                                q["region_code"], q["ins_type"], q["acct_type"] & 0x0F, q["med_type"],
@@ -580,4 +589,115 @@ class Reference:
         card.payer = payer
         res["other_slot"] = payer
         res["outcome_flags"] |= ResFlag.POSTED
+        return rc("00")
+
+    def lifecycle(self, q, res, slot, bd) -> int:
+        """DOMAIN.md §1 lifecycle and §3 money in, one state machine per card."""
+        import datetime
+        card = self.cards[slot]
+        cmd, st = q["cmd"], card.status
+        social = (q["acct_type"] & 1) == 0
+        if st == CardStatus.CANCELLED:
+            return rc("62")
+        if st == CardStatus.REPLACED:
+            return rc("41")
+        temp_lost_now = st == CardStatus.TEMP_LOST and bd <= card.temp_loss_until
+        if cmd == Cmd.ACTIVATE_SOCIAL:
+            if st != CardStatus.ISSUED:
+                return rc("41") if st == CardStatus.LOST else rc("12")
+            card.status = CardStatus.ACTIVE
+        elif cmd == Cmd.ACTIVATE_FIN:
+            if st == CardStatus.LOST or temp_lost_now:
+                return rc("41")
+            if card.flags & CardFlag.FIN_ACTIVE:
+                return rc("12")
+            card.flags |= CardFlag.FIN_ACTIVE
+        elif cmd == Cmd.TEMP_LOSS:
+            if st == CardStatus.LOST:
+                return rc("12")
+            days = next(r.temp_loss_days for r in self.config.regions if r.code == card.region)
+            until = datetime.date(bd // 10000, bd // 100 % 100, bd % 100) + datetime.timedelta(days=days)
+            card.status = CardStatus.TEMP_LOST
+            card.temp_loss_until = until.year * 10000 + until.month * 100 + until.day
+        elif cmd == Cmd.FORMAL_LOSS:
+            card.status = CardStatus.LOST
+            if q["med_type"] == 1:
+                card.flags |= CardFlag.STOLEN
+        elif cmd == Cmd.UNLOSS:
+            if st != CardStatus.TEMP_LOST:
+                return rc("12")
+            card.status = CardStatus.ACTIVE
+        elif cmd == Cmd.REPLACE:
+            if not q["pan2_hash"]:
+                return rc("12")
+            if q["pan2_hash"] in self.by_pan:
+                return rc("94")
+            if len(self.cards) >= self.capacity:
+                return rc("96")
+            new = Card(q["pan2_hash"], card.person_hash, card.ins, card.fin, card.region, card.ins_type,
+                       card.retired, CardStatus.ACTIVE, card.flags & ~(CardFlag.STOLEN | CardFlag.SOCIAL_PIN),
+                       q["pin_pvv"], q["pin_pvv_new"], card.expiry_yymm, payer=card.payer,
+                       acc_year=card.acc_year, ded_used=list(card.ded_used), fund_paid=list(card.fund_paid),
+                       admissions=list(card.admissions))
+            other = len(self.cards)
+            self.cards.append(new)
+            self.by_pan[new.pan_hash] = other
+            self.live_by_person[card.person_hash] = other
+            card.ins = card.fin = 0
+            card.status = CardStatus.REPLACED
+            card.payer = other
+            res["other_slot"] = other
+            res["other_balance_fen"] = new.fin
+        elif cmd == Cmd.CANCEL_CARD:
+            if card.ins or card.fin:
+                if not q["pan2_hash"]:
+                    return rc("12")
+                other = self.live(self.by_pan.get(q["pan2_hash"], -1))
+                if other < 0:
+                    return rc("14")
+                if other == slot or self.card_gate(self.cards[other], True, bd):
+                    return rc("57")
+                target = self.cards[other]
+                res["ins_leg_fen"], res["fin_leg_fen"] = card.ins, card.fin
+                target.ins += card.ins
+                target.fin += card.fin
+                card.ins = card.fin = 0
+                res["other_slot"] = other
+                res["other_balance_fen"] = target.fin
+            card.status = CardStatus.CANCELLED
+            card.flags &= ~CardFlag.FIN_ACTIVE
+            self.live_by_person.pop(card.person_hash, None)
+        elif cmd == Cmd.PIN_CHANGE:
+            code = self.pin_gate(card, q, res, social, True)
+            if code:
+                return code
+            if social:
+                card.pvv_social = q["pin_pvv_new"]
+                card.flags |= CardFlag.SOCIAL_PIN
+            else:
+                card.pvv_bank = q["pin_pvv_new"]
+        elif cmd == Cmd.PIN_RESET:
+            if social:
+                card.pvv_social, card.tries_social = q["pin_pvv_new"], 0
+                card.flags &= ~CardFlag.SOCIAL_PIN
+            else:
+                card.pvv_bank, card.tries_bank = q["pin_pvv_new"], 0
+        elif cmd == Cmd.PIN_UNLOCK:
+            if social:
+                card.tries_social = 0
+            else:
+                card.tries_bank = 0
+        elif cmd == Cmd.CREDIT_FIN:
+            code = self.card_gate(card, True, bd)
+            if code and code != rc("54"):
+                return code
+            card.fin += q["amount_fen"]
+            res["amount_fen"], res["fin_leg_fen"] = q["amount_fen"], -q["amount_fen"]
+        elif cmd == Cmd.CREDIT_INS:
+            card.ins += q["amount_fen"]
+            res["amount_fen"], res["ins_leg_fen"] = q["amount_fen"], -q["amount_fen"]
+        else:
+            return rc("12")
+        res["outcome_flags"] |= ResFlag.POSTED
+        res["ins_balance_fen"], res["fin_balance_fen"] = card.ins, card.fin
         return rc("00")

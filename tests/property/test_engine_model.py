@@ -18,6 +18,13 @@ MED_TERMINALS = ["T0000001", "T0000002", "T0000003", "T0000007"]
 KINDS = ["med", "med", "med", "presettle", "cancel", "purchase", "purchase", "void", "refund",
          "deposit", "withdraw", "transfer", "reversal", "reversal", "balance", "repeat", "repeat_other",
          "bind", "unbind", "pharmacy"]
+LIFECYCLE = {"activate_social": Cmd.ACTIVATE_SOCIAL, "activate_fin": Cmd.ACTIVATE_FIN,
+             "temp_loss": Cmd.TEMP_LOSS, "formal_loss": Cmd.FORMAL_LOSS, "unloss": Cmd.UNLOSS,
+             "replace": Cmd.REPLACE, "cancel_card": Cmd.CANCEL_CARD, "pin_change": Cmd.PIN_CHANGE,
+             "pin_reset": Cmd.PIN_RESET, "pin_unlock": Cmd.PIN_UNLOCK, "credit_fin": Cmd.CREDIT_FIN,
+             "credit_ins": Cmd.CREDIT_INS}
+KINDS += list(LIFECYCLE)
+SPARE_SLOTS = 64
 DATES = [20261124, 20261124, 20261125, 20261231, 20270101]
 
 op = st.tuples(
@@ -29,9 +36,9 @@ op = st.tuples(
 )
 
 
-def build(engine, op_tuple, history, stan_counter):
+def build(engine, op_tuple, history, stan_counter, pans):
     kind, card, amount, bits, ref = op_tuple
-    pan = PANS[card]
+    pan = pans[card % len(pans)]
     pin = [None, "888888", "000000", "147258"][bits & 3]
     stan_counter[0] += 1
     stan = stan_counter[0]
@@ -85,6 +92,27 @@ def build(engine, op_tuple, history, stan_counter):
         if kind == "repeat_other":
             q["content_hash"] ^= np.uint64(1)
         return q
+    if kind in LIFECYCLE:
+        cmd = LIFECYCLE[kind]
+        extra = {}
+        if kind == "replace":
+            new_pan = f"6214839{stan_counter[0]:09d}"
+            pans.append(new_pan)
+            extra = {"pan2": new_pan, "pin_pvv": KEYS.pvv(KEYS.pan_hash(new_pan), "888888"),
+                     "pin_pvv_new": KEYS.pvv(KEYS.pan_hash(new_pan), "123456")}
+        elif kind == "cancel_card" and bits & 1:
+            extra = {"pan2": pans[ref % len(pans)]}
+        elif kind in ("pin_change", "pin_reset"):
+            extra = {"pin_pvv_new": KEYS.pvv(KEYS.pan_hash(pan), "654321")}
+        q = request(engine, KEYS, cmd, pan=pan, stan=stan, amount_fen=amount // 10,
+                    acct_type=(bits >> 2) & 1, med_type=(bits >> 3) & 1,
+                    pin=pin if kind == "pin_change" else None, **extra)
+        if kind in ("credit_fin", "credit_ins") and bits & 0x40:
+            q["person_hash"] = KEYS.person_hash(NAMED_CARDS[card % len(NAMED_CARDS)][1])
+            q["pan_hash"] = 0
+        if not bits & 0x80:
+            q["idem_key"] = 0              # admin commands may come without a duplicate key
+        return q
     if kind in ("bind", "unbind"):
         q = request(engine, KEYS, Cmd.FAMILY_BIND if kind == "bind" else Cmd.FAMILY_UNBIND,
                     pan=pan, pan2=PANS[ref % len(PANS)], stan=stan)
@@ -131,7 +159,9 @@ def check_invariants(engine, requests, results, before_total_fen):
     legs = results["ins_leg_fen"] + results["aid_leg_fen"] + results["fin_leg_fen"]
     transfer_like = effective & (results["other_slot"] >= 0) & \
         ((results["cmd"] == Cmd.TRANSFER) | (results["cmd"] == Cmd.REVERSAL))
-    expected = before_total_fen - int(legs[effective].sum()) + int(results["fin_leg_fen"][transfer_like].sum())
+    moved_on_cancel = effective & (results["cmd"] == Cmd.CANCEL_CARD) & (results["other_slot"] >= 0)
+    expected = (before_total_fen - int(legs[effective].sum()) + int(results["fin_leg_fen"][transfer_like].sum())
+                + int(results["ins_leg_fen"][moved_on_cancel].sum()) + int(results["fin_leg_fen"][moved_on_cancel].sum()))
     assert int(ins.sum()) + int(fin.sum()) == expected
     # 5: a duplicate answers what the first answer said and moves nothing (checked through 4 too)
     dup = (results["outcome_flags"] & ResFlag.DUPLICATE) != 0
@@ -148,8 +178,9 @@ def total_fen(engine):
        date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8))
 def test_engine_matches_reference(ops, cuts, date_picks):
     config = demo_config()
-    engine = Engine(config, card_capacity=len(NAMED_CARDS) + GENERATED, txn_retention_count=4096)
-    ref = Reference(config)
+    engine = Engine(config, card_capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS, txn_retention_count=4096)
+    ref = Reference(config, capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS)
+    pans = list(PANS)
     for batch in genesis_batches(KEYS, GENERATED):
         engine.apply_batch(batch, business_date=20261124)
         for q in batch:
@@ -161,7 +192,7 @@ def test_engine_matches_reference(ops, cuts, date_picks):
         position += cut
         if not chunk:
             break
-        requests = np.concatenate([build(engine, o, history, stan_counter) for o in chunk])
+        requests = np.concatenate([build(engine, o, history, stan_counter, pans) for o in chunk])
         bd = dates[b % len(dates)] if b < len(dates) else dates[-1]
         before = total_fen(engine)
         results = engine.apply_batch(requests, business_date=bd)
@@ -171,6 +202,7 @@ def test_engine_matches_reference(ops, cuts, date_picks):
             assert got == expected, (i, int(q["cmd"]), {k: (got[k], v) for k, v in expected.items() if got[k] != v})
         check_invariants(engine, requests, results, before)
         _count_codes(results)
+        assert engine.card_count == len(ref.cards)
         for slot in range(engine.card_count):
             assert card_state_engine(engine, slot) == card_state_reference(ref, slot), slot
         history.extend(requests[i:i + 1].copy() for i in range(len(requests)) if requests[i]["cmd"] != Cmd.REVERSAL)
