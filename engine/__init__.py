@@ -101,7 +101,7 @@ class Engine:
 
     @property
     def card_capacity(self) -> int:
-        return self.arrays["pan_hash"].shape[0]
+        return self.arrays["cards"].shape[0]
 
     def reserve(self, card_count: int):
         """Make room for `card_count` cards in all (between batches; copies the columns)."""
@@ -111,10 +111,8 @@ class Engine:
         grown = card_arrays(capacity)
         n = self.card_capacity
         for name, column in grown.items():
-            if name.endswith("_index"):
-                continue
-            width = column.shape[0] // capacity
-            column[:n * width] = self.arrays[name][:n * width]
+            if not name.endswith("_index"):
+                column[:n] = self.arrays[name][:n]
         self.arrays.update(grown)
         _core.rebuild_card_indexes(self.arrays)
         self.core.bind(self.arrays)
@@ -125,8 +123,16 @@ class Engine:
     # ---- reading -------------------------------------------------------------------------------
     def slot_of(self, pan_hash: int) -> int:
         """Slot of a card by its PAN hash, -1 when unknown (Python-speed: tests and tools)."""
-        hits = np.flatnonzero(self.arrays["pan_hash"][:self.card_count] == np.uint64(pan_hash))
+        hits = np.flatnonzero(self.arrays["cards"]["pan_hash"][:self.card_count] == np.uint64(pan_hash))
         return int(hits[0]) if hits.size else -1
 
     def balances(self, slot: int) -> tuple[int, int]:
-        return int(self.arrays["ins_balance_fen"][slot]), int(self.arrays["fin_balance_fen"][slot])
+        card = self.arrays["cards"][slot]
+        return int(card["ins_balance_fen"]), int(card["fin_balance_fen"])
+
+    def column(self, name: str) -> np.ndarray:
+        """A card field as a (strided) view over the card slots in use: `column("status")`."""
+        for table in ("cards", "years"):
+            if name in self.arrays[table].dtype.names:
+                return self.arrays[table][name][:self.card_count]
+        return self.arrays[name][:self.card_count]

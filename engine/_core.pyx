@@ -103,33 +103,33 @@ def siphash(bytes key16 not None, bytes data not None):
 # ---------------------------------------------------------------------------------------------
 
 cdef inline int32_t card_index_find(const int32_t* table, uint64_t mask, const uint64_t* keys,
-                                    uint64_t key) noexcept nogil:
+                                    size_t stride, uint64_t key) noexcept nogil:
     cdef uint64_t i = key & mask
     cdef int32_t slot
     while True:
         slot = table[i]
         if slot < 0:
             return -1
-        if keys[slot] == key:
+        if keys[slot * stride] == key:
             return slot
         i = (i + 1) & mask
 
 
 cdef inline void card_index_set(int32_t* table, uint64_t mask, const uint64_t* keys,
-                                uint64_t key, int32_t value) noexcept nogil:
+                                size_t stride, uint64_t key, int32_t value) noexcept nogil:
     """Point `key` at `value`, replacing the slot it points at now if any."""
     cdef uint64_t i = key & mask
     cdef int32_t slot
     while True:
         slot = table[i]
-        if slot < 0 or keys[slot] == key:
+        if slot < 0 or keys[slot * stride] == key:
             table[i] = value
             return
         i = (i + 1) & mask
 
 
 cdef inline void card_index_delete(int32_t* table, uint64_t mask, const uint64_t* keys,
-                                   uint64_t key) noexcept nogil:
+                                   size_t stride, uint64_t key) noexcept nogil:
     """Remove `key` by backward-shift deletion (no tombstones, so probes stay short)."""
     cdef uint64_t i = key & mask, j, home
     cdef int32_t slot
@@ -137,7 +137,7 @@ cdef inline void card_index_delete(int32_t* table, uint64_t mask, const uint64_t
         slot = table[i]
         if slot < 0:
             return
-        if keys[slot] == key:
+        if keys[slot * stride] == key:
             break
         i = (i + 1) & mask
     j = i
@@ -146,7 +146,7 @@ cdef inline void card_index_delete(int32_t* table, uint64_t mask, const uint64_t
         slot = table[j]
         if slot < 0:
             break
-        home = keys[slot] & mask
+        home = keys[slot * stride] & mask
         # the entry at j may move to the hole at i unless its home lies cyclically in (i, j]
         if ((j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j))):
             table[i] = slot
@@ -244,7 +244,7 @@ cdef inline int visit_kind(uint8_t med_type) noexcept nogil:
 
 
 cdef inline bint accumulators_current(const State* s, int32_t slot, uint32_t business_date) noexcept nogil:
-    return s.acc_year[slot] == business_date // 10000
+    return s.years[slot].acc_year == business_date // 10000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +266,8 @@ cdef inline bint permitted_at(uint8_t cmd, uint8_t kind) noexcept nogil:
 
 cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint32_t business_date) noexcept nogil:
     """Stolen 43, lost or replaced 41, cancelled or not activated 62, expired 54 — in that order."""
-    cdef uint8_t st = s.status[slot]
-    if s.card_flags[slot] & CF_STOLEN:
+    cdef uint8_t st = s.cards[slot].status
+    if s.cards[slot].card_flags & CF_STOLEN:
         return RC_43
     if st == CARD_LOST or st == CARD_REPLACED:
         return RC_41
@@ -275,9 +275,9 @@ cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint
         return RC_41
     if st == CARD_CANCELLED or st == CARD_ISSUED or st == CARD_EMPTY:
         return RC_62
-    if need_fin and not (s.card_flags[slot] & CF_FIN_ACTIVE):
+    if need_fin and not (s.cards[slot].card_flags & CF_FIN_ACTIVE):
         return RC_62
-    if s.expiry_yymm[slot] != 0 and s.expiry_yymm[slot] < (business_date // 100) % 10000:
+    if s.years[slot].expiry_yymm != 0 and s.years[slot].expiry_yymm < (business_date // 100) % 10000:
         return RC_54
     return 0
 
@@ -289,7 +289,7 @@ cdef inline bint card_usable(const State* s, int32_t slot, uint32_t business_dat
 cdef inline int32_t live_slot(const State* s, int32_t slot) noexcept nogil:
     """Follow replacements: the old card of a 补换卡 points at its successor through payer_slot."""
     cdef int hops = 0
-    while slot >= 0 and s.status[slot] == CARD_REPLACED and hops < 64:
+    while slot >= 0 and s.cards[slot].status == CARD_REPLACED and hops < 64:
         slot = s.payer_slot[slot]
         hops += 1
     return slot
@@ -302,7 +302,7 @@ cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* 
     The one rejection that changes state: a wrong PIN counts toward the lock (ISO 9564 practice);
     a right one resets the count. Replay uses the outcome recorded live (REQ_PIN_REPLAY_*).
     """
-    cdef uint8_t* tries = s.tries_social if social else s.tries_bank
+    cdef uint8_t* tries = &s.cards[slot].tries_social if social else &s.cards[slot].tries_bank
     cdef uint8_t tries_max = s.pin_tries_social_max if social else s.pin_tries_bank_max
     cdef uint32_t pvv = s.pvv_social[slot] if social else s.pvv_bank[slot]
     cdef bint given = (q.flags & (REQ_PIN | REQ_PIN_REPLAY_OK | REQ_PIN_REPLAY_BAD)) != 0
@@ -310,8 +310,8 @@ cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* 
     if not given:
         if not required:
             return 0
-        return RC_75 if tries[slot] >= tries_max else RC_55
-    if tries[slot] >= tries_max:
+        return RC_75 if tries[0] >= tries_max else RC_55
+    if tries[0] >= tries_max:
         return RC_75
     if q.flags & REQ_PIN_REPLAY_OK:
         right = True
@@ -321,11 +321,11 @@ cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* 
         right = q.pin_pvv == pvv
     if right:
         r.pin_outcome = 1
-        tries[slot] = 0
+        tries[0] = 0
         return 0
     r.pin_outcome = 2
-    tries[slot] += 1
-    return RC_75 if tries[slot] >= tries_max else RC_55
+    tries[0] += 1
+    return RC_75 if tries[0] >= tries_max else RC_55
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,9 +444,9 @@ cdef inline bint reversible(uint8_t cmd) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 
 cdef inline bint settle_legs_fit(const State* s, int32_t slot, int32_t payer, const Txn* t) noexcept nogil:
-    if s.ins_balance_fen[slot] < t.ins_leg_fen or s.fin_balance_fen[slot] < t.fin_leg_fen:
+    if s.cards[slot].ins_balance_fen < t.ins_leg_fen or s.cards[slot].fin_balance_fen < t.fin_leg_fen:
         return False
-    if t.aid_leg_fen > 0 and (payer < 0 or s.ins_balance_fen[payer] < t.aid_leg_fen):
+    if t.aid_leg_fen > 0 and (payer < 0 or s.cards[payer].ins_balance_fen < t.aid_leg_fen):
         return False
     return True
 
@@ -454,22 +454,22 @@ cdef inline bint settle_legs_fit(const State* s, int32_t slot, int32_t payer, co
 cdef void settle_post(State* s, int32_t slot, int32_t payer, const Txn* t, int sign) noexcept nogil:
     """sign = +1 posts the settlement `t` again (reversal of its cancel); -1 restores it exactly."""
     cdef int g = t.acc_group
-    s.ins_balance_fen[slot] -= sign * t.ins_leg_fen
-    s.fin_balance_fen[slot] -= sign * t.fin_leg_fen
+    s.cards[slot].ins_balance_fen -= sign * t.ins_leg_fen
+    s.cards[slot].fin_balance_fen -= sign * t.fin_leg_fen
     if t.aid_leg_fen != 0 and payer >= 0:
-        s.ins_balance_fen[payer] -= sign * t.aid_leg_fen
+        s.cards[payer].ins_balance_fen -= sign * t.aid_leg_fen
     # Accumulators of another year were reset at New Year: nothing of this one is left to move.
-    if s.acc_year[slot] == t.business_date // 10000:
-        s.fund_paid_fen[slot * 2 + g] += sign * t.fund_fen
+    if s.years[slot].acc_year == t.business_date // 10000:
+        s.cards[slot].fund_paid_fen[g] += sign * t.fund_fen
         if t.outcome_flags & RES_CUMULATIVE:
-            s.ded_used_fen[slot * 2 + g] += sign * t.deductible_fen
+            s.cards[slot].ded_used_fen[g] += sign * t.deductible_fen
         if t.outcome_flags & RES_ADMISSION:
-            s.admissions[slot * 2 + g] += sign
+            s.years[slot].admissions[g] += sign
 
 
 cdef inline void report_balances(const State* s, int32_t slot, Result* r) noexcept nogil:
-    r.ins_balance_fen = s.ins_balance_fen[slot]
-    r.fin_balance_fen = s.fin_balance_fen[slot]
+    r.ins_balance_fen = s.cards[slot].ins_balance_fen
+    r.fin_balance_fen = s.cards[slot].fin_balance_fen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,16 +490,16 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     cdef uint16_t code = RC_00
     cdef bint current = accumulators_current(s, slot, bd)
     if current:
-        ded_used = s.ded_used_fen[slot * 2 + g]
-        fund_paid = s.fund_paid_fen[slot * 2 + g]
-        admissions = s.admissions[slot * 2 + g]
+        ded_used = s.cards[slot].ded_used_fen[g]
+        fund_paid = s.cards[slot].fund_paid_fen[g]
+        admissions = s.years[slot].admissions[g]
     r.acc_group = g
     if q.flags & REQ_FP:
         # The platform computed the fund (FP): the local policy is skipped (PROTOCOL.md §3.1).
         fund_fen = q.fp_fen
     else:
-        pid = s.policy_of[(((<int>s.region_index[slot] * s.ins_type_count + s.ins_type_index[slot]) * 2
-                            + s.person_type[slot]) * VISIT_KINDS + vk) * LEVELS
+        pid = s.policy_of[(((<int>s.cards[slot].region_index * s.ins_type_count + s.cards[slot].ins_type_index) * 2
+                            + s.cards[slot].person_type) * VISIT_KINDS + vk) * LEVELS
                           + s.inst_level[q.institution_index]]
         if pid < 0:
             r.outcome_flags |= RES_NO_POLICY
@@ -521,14 +521,14 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     # Patient share: the insurance account first, the family-aid payer next, then the bank.
     share_fen = q.amount_fen - fund_fen
     if q.flags & REQ_AU:
-        ins_fen = imin(share_fen, s.ins_balance_fen[slot])
+        ins_fen = imin(share_fen, s.cards[slot].ins_balance_fen)
         payer = live_slot(s, s.payer_slot[slot])
         if payer >= 0 and card_usable(s, payer, bd):
-            aid_fen = imin(share_fen - ins_fen, s.ins_balance_fen[payer])
+            aid_fen = imin(share_fen - ins_fen, s.cards[payer].ins_balance_fen)
         else:
             payer = -1
     rest_fen = share_fen - ins_fen - aid_fen
-    fin_avail_fen = s.fin_balance_fen[slot] if (s.card_flags[slot] & CF_FIN_ACTIVE) else 0
+    fin_avail_fen = s.cards[slot].fin_balance_fen if (s.cards[slot].card_flags & CF_FIN_ACTIVE) else 0
     if rest_fen <= fin_avail_fen:
         fin_fen = rest_fen
     elif q.flags & REQ_PA:
@@ -550,30 +550,30 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     if not post:
         # Pre-settlement (83): the balances as they would be had it posted; nothing moves.
         r.outcome_flags &= ~(RES_ADMISSION | RES_CUMULATIVE)
-        r.ins_balance_fen = s.ins_balance_fen[slot] - ins_fen
-        r.fin_balance_fen = s.fin_balance_fen[slot] - fin_fen
+        r.ins_balance_fen = s.cards[slot].ins_balance_fen - ins_fen
+        r.fin_balance_fen = s.cards[slot].fin_balance_fen - fin_fen
         if aid_fen > 0:
-            r.other_balance_fen = s.ins_balance_fen[payer] - aid_fen
+            r.other_balance_fen = s.cards[payer].ins_balance_fen - aid_fen
         return code
     if not current:
         # New year: this card's accumulators start again from zero.
-        s.ded_used_fen[slot * 2] = 0
-        s.ded_used_fen[slot * 2 + 1] = 0
-        s.fund_paid_fen[slot * 2] = 0
-        s.fund_paid_fen[slot * 2 + 1] = 0
-        s.admissions[slot * 2] = 0
-        s.admissions[slot * 2 + 1] = 0
-        s.acc_year[slot] = bd // 10000
-    s.ins_balance_fen[slot] -= ins_fen
-    s.fin_balance_fen[slot] -= fin_fen
+        s.cards[slot].ded_used_fen[0] = 0
+        s.cards[slot].ded_used_fen[1] = 0
+        s.cards[slot].fund_paid_fen[0] = 0
+        s.cards[slot].fund_paid_fen[1] = 0
+        s.years[slot].admissions[0] = 0
+        s.years[slot].admissions[1] = 0
+        s.years[slot].acc_year = bd // 10000
+    s.cards[slot].ins_balance_fen -= ins_fen
+    s.cards[slot].fin_balance_fen -= fin_fen
     if aid_fen > 0:
-        s.ins_balance_fen[payer] -= aid_fen
-        r.other_balance_fen = s.ins_balance_fen[payer]
-    s.fund_paid_fen[slot * 2 + g] += fund_fen
+        s.cards[payer].ins_balance_fen -= aid_fen
+        r.other_balance_fen = s.cards[payer].ins_balance_fen
+    s.cards[slot].fund_paid_fen[g] += fund_fen
     if r.outcome_flags & RES_CUMULATIVE:
-        s.ded_used_fen[slot * 2 + g] += ded_fen
+        s.cards[slot].ded_used_fen[g] += ded_fen
     if r.outcome_flags & RES_ADMISSION:
-        s.admissions[slot * 2 + g] += 1
+        s.years[slot].admissions[g] += 1
     r.outcome_flags |= RES_POSTED
     report_balances(s, slot, r)
     return code
@@ -598,7 +598,7 @@ cdef uint16_t cmd_undo(State* s, const Request* q, Result* r, int32_t slot, uint
         if q.amount_fen > o.amount_fen - o.refunded_fen:
             return RC_64
         o.refunded_fen += q.amount_fen
-        s.fin_balance_fen[oslot] += q.amount_fen
+        s.cards[oslot].fin_balance_fen += q.amount_fen
         r.amount_fen = q.amount_fen
         r.fin_leg_fen = -q.amount_fen
     else:
@@ -607,7 +607,7 @@ cdef uint16_t cmd_undo(State* s, const Request* q, Result* r, int32_t slot, uint
         if q.cmd == CMD_VOID:
             if o.business_date != bd or o.refunded_fen != 0:
                 return RC_12             # a void is same-day and whole (消费撤销)
-            s.fin_balance_fen[oslot] += o.fin_leg_fen
+            s.cards[oslot].fin_balance_fen += o.fin_leg_fen
             r.fin_leg_fen = -o.fin_leg_fen
         else:
             payer = live_slot(s, o.other_slot)
@@ -621,7 +621,7 @@ cdef uint16_t cmd_undo(State* s, const Request* q, Result* r, int32_t slot, uint
             r.acc_group = o.acc_group
             r.other_slot = payer if o.aid_leg_fen != 0 else -1
             if r.other_slot >= 0:
-                r.other_balance_fen = s.ins_balance_fen[payer]
+                r.other_balance_fen = s.cards[payer].ins_balance_fen
         o.state = TXN_UNDONE
         r.amount_fen = o.amount_fen
     r.card_slot = oslot
@@ -645,7 +645,7 @@ cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) n
     r.orig_rrn = o.rrn
     if o.state == TXN_TOMBSTONE or o.state == TXN_REVERSED:
         return RC_00
-    if q.pan_hash != 0 and o.card_slot >= 0 and s.pan_hash[o.card_slot] != q.pan_hash:
+    if q.pan_hash != 0 and o.card_slot >= 0 and s.cards[o.card_slot].pan_hash != q.pan_hash:
         return RC_25
     r.cmd = CMD_REVERSAL
     r.acc_group = o.acc_group
@@ -656,23 +656,23 @@ cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) n
     other = live_slot(s, o.other_slot)
     if o.cmd == CMD_PURCHASE or o.cmd == CMD_WITHDRAW:
         if o.state == TXN_OPEN:             # a voided purchase has no money left to return
-            s.fin_balance_fen[slot] += o.fin_leg_fen - o.refunded_fen
+            s.cards[slot].fin_balance_fen += o.fin_leg_fen - o.refunded_fen
             r.fin_leg_fen = -(o.fin_leg_fen - o.refunded_fen)
     elif o.cmd == CMD_DEPOSIT:
-        if s.fin_balance_fen[slot] < -o.fin_leg_fen:
+        if s.cards[slot].fin_balance_fen < -o.fin_leg_fen:
             report_balances(s, slot, r)
             return RC_51                    # the deposit was spent already: an operator's case
-        s.fin_balance_fen[slot] += o.fin_leg_fen
+        s.cards[slot].fin_balance_fen += o.fin_leg_fen
         r.fin_leg_fen = -o.fin_leg_fen
     elif o.cmd == CMD_TRANSFER:
-        if s.fin_balance_fen[other] < o.fin_leg_fen:
+        if s.cards[other].fin_balance_fen < o.fin_leg_fen:
             report_balances(s, slot, r)
             return RC_51
-        s.fin_balance_fen[other] -= o.fin_leg_fen
-        s.fin_balance_fen[slot] += o.fin_leg_fen
+        s.cards[other].fin_balance_fen -= o.fin_leg_fen
+        s.cards[slot].fin_balance_fen += o.fin_leg_fen
         r.fin_leg_fen = -o.fin_leg_fen
         r.other_slot = other
-        r.other_balance_fen = s.fin_balance_fen[other]
+        r.other_balance_fen = s.cards[other].fin_balance_fen
     elif o.cmd == CMD_MED_SETTLE:
         if o.state == TXN_OPEN:
             payer = live_slot(s, o.other_slot)
@@ -688,10 +688,10 @@ cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) n
         inner = txn_by_rrn(s, o.orig_rrn)
         if inner != NULL and inner.state == TXN_UNDONE:
             if o.cmd == CMD_VOID:
-                if s.fin_balance_fen[slot] < inner.fin_leg_fen:
+                if s.cards[slot].fin_balance_fen < inner.fin_leg_fen:
                     report_balances(s, slot, r)
                     return RC_51
-                s.fin_balance_fen[slot] -= inner.fin_leg_fen
+                s.cards[slot].fin_balance_fen -= inner.fin_leg_fen
                 r.fin_leg_fen = inner.fin_leg_fen
             else:
                 payer = live_slot(s, inner.other_slot)
@@ -739,30 +739,30 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
         return RC_12
     if q.med_type < CARD_ISSUED or q.med_type > CARD_CANCELLED or q.amount_fen < 0 or q.amount2_fen < 0:
         return RC_12
-    if card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash) >= 0:
+    if card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash) >= 0:
         return RC_94
-    live = card_index_find(s.person_index, s.person_index_mask, s.person_hash, q.person_hash)
-    if live >= 0 and s.status[live] != CARD_CANCELLED and s.status[live] != CARD_REPLACED:
+    live = card_index_find(s.person_index, s.person_index_mask, s.person_hash, 1, q.person_hash)
+    if live >= 0 and s.cards[live].status != CARD_CANCELLED and s.cards[live].status != CARD_REPLACED:
         return RC_57
     if s.card_count >= s.card_capacity:
         return RC_96
     slot = <int32_t>s.card_count
     s.card_count += 1
-    s.pan_hash[slot] = q.pan_hash
+    s.cards[slot].pan_hash = q.pan_hash
     s.person_hash[slot] = q.person_hash
-    s.ins_balance_fen[slot] = q.amount_fen
-    s.fin_balance_fen[slot] = q.amount2_fen
-    s.region_index[slot] = <uint8_t>region
-    s.ins_type_index[slot] = <uint8_t>itype
-    s.person_type[slot] = q.acct_type & 0x0F
-    s.card_flags[slot] = q.acct_type >> 4
-    s.status[slot] = q.med_type
+    s.cards[slot].ins_balance_fen = q.amount_fen
+    s.cards[slot].fin_balance_fen = q.amount2_fen
+    s.cards[slot].region_index = <uint8_t>region
+    s.cards[slot].ins_type_index = <uint8_t>itype
+    s.cards[slot].person_type = q.acct_type & 0x0F
+    s.cards[slot].card_flags = q.acct_type >> 4
+    s.cards[slot].status = q.med_type
     s.pvv_bank[slot] = q.pin_pvv
     s.pvv_social[slot] = q.pin_pvv_new
-    s.expiry_yymm[slot] = q.expiry_yymm
+    s.years[slot].expiry_yymm = q.expiry_yymm
     s.payer_slot[slot] = -1
-    card_index_set(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash, slot)
-    card_index_set(s.person_index, s.person_index_mask, s.person_hash, q.person_hash, slot)
+    card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash, slot)
+    card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, q.person_hash, slot)
     r.card_slot = slot
     r.outcome_flags |= RES_POSTED
     report_balances(s, slot, r)
@@ -776,10 +776,10 @@ cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, ui
         s.payer_slot[slot] = -1
         r.outcome_flags |= RES_POSTED
         return RC_00
-    payer = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash)
+    payer = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash)
     if payer < 0:
         return RC_14
-    if payer == slot or s.region_index[payer] != s.region_index[slot]:
+    if payer == slot or s.cards[payer].region_index != s.cards[slot].region_index:
         return RC_12                     # same region only; never oneself
     if not card_usable(s, payer, bd):
         return RC_57
@@ -818,32 +818,32 @@ cdef inline uint32_t add_days(uint32_t yyyymmdd, int64_t days) noexcept nogil:
 
 cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     """补换卡: everything the person owns moves to the new slot; the old one keeps a pointer."""
-    s.ins_balance_fen[new] = s.ins_balance_fen[old]
-    s.fin_balance_fen[new] = s.fin_balance_fen[old]
-    s.ins_balance_fen[old] = 0
-    s.fin_balance_fen[old] = 0
-    memcpy(&s.ded_used_fen[2 * new], &s.ded_used_fen[2 * old], 2 * sizeof(int64_t))
-    memcpy(&s.fund_paid_fen[2 * new], &s.fund_paid_fen[2 * old], 2 * sizeof(int64_t))
-    memcpy(&s.admissions[2 * new], &s.admissions[2 * old], 2 * sizeof(uint16_t))
-    s.acc_year[new] = s.acc_year[old]
+    s.cards[new].ins_balance_fen = s.cards[old].ins_balance_fen
+    s.cards[new].fin_balance_fen = s.cards[old].fin_balance_fen
+    s.cards[old].ins_balance_fen = 0
+    s.cards[old].fin_balance_fen = 0
+    memcpy(s.cards[new].ded_used_fen, s.cards[old].ded_used_fen, 2 * sizeof(int64_t))
+    memcpy(s.cards[new].fund_paid_fen, s.cards[old].fund_paid_fen, 2 * sizeof(int64_t))
+    memcpy(s.years[new].admissions, s.years[old].admissions, 2 * sizeof(uint16_t))
+    s.years[new].acc_year = s.years[old].acc_year
     s.person_hash[new] = s.person_hash[old]
-    s.region_index[new] = s.region_index[old]
-    s.ins_type_index[new] = s.ins_type_index[old]
-    s.person_type[new] = s.person_type[old]
-    s.card_flags[new] = s.card_flags[old] & ~(CF_STOLEN | CF_SOCIAL_PIN)
-    s.expiry_yymm[new] = s.expiry_yymm[old]
+    s.cards[new].region_index = s.cards[old].region_index
+    s.cards[new].ins_type_index = s.cards[old].ins_type_index
+    s.cards[new].person_type = s.cards[old].person_type
+    s.cards[new].card_flags = s.cards[old].card_flags & ~(CF_STOLEN | CF_SOCIAL_PIN)
+    s.years[new].expiry_yymm = s.years[old].expiry_yymm
     s.payer_slot[new] = s.payer_slot[old]
-    s.status[new] = CARD_ACTIVE
-    s.status[old] = CARD_REPLACED
+    s.cards[new].status = CARD_ACTIVE
+    s.cards[old].status = CARD_REPLACED
     s.payer_slot[old] = new               # the forward pointer live_slot follows
-    card_index_set(s.person_index, s.person_index_mask, s.person_hash, s.person_hash[new], new)
+    card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, s.person_hash[new], new)
 
 
 cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
     """Card lifecycle and money in (DOMAIN.md §1, §3). Each command checks the states it may
     leave from; the table test walks every state × command."""
     cdef uint8_t cmd = q.cmd
-    cdef uint8_t st = s.status[slot]
+    cdef uint8_t st = s.cards[slot].status
     cdef int32_t other
     cdef uint16_t code
     cdef bint social = (q.acct_type & 1) == 0
@@ -854,93 +854,93 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
     if cmd == CMD_ACTIVATE_SOCIAL:
         if st != CARD_ISSUED:
             return RC_41 if st == CARD_LOST else RC_12
-        s.status[slot] = CARD_ACTIVE
+        s.cards[slot].status = CARD_ACTIVE
     elif cmd == CMD_ACTIVATE_FIN:
         if st == CARD_LOST or (st == CARD_TEMP_LOST and bd <= s.temp_loss_until[slot]):
             return RC_41
-        if s.card_flags[slot] & CF_FIN_ACTIVE:
+        if s.cards[slot].card_flags & CF_FIN_ACTIVE:
             return RC_12
-        s.card_flags[slot] |= CF_FIN_ACTIVE
+        s.cards[slot].card_flags |= CF_FIN_ACTIVE
     elif cmd == CMD_TEMP_LOSS:
         if st == CARD_LOST:
             return RC_12
-        s.status[slot] = CARD_TEMP_LOST
-        s.temp_loss_until[slot] = add_days(bd, s.region_temp_loss_days[s.region_index[slot]])
+        s.cards[slot].status = CARD_TEMP_LOST
+        s.temp_loss_until[slot] = add_days(bd, s.region_temp_loss_days[s.cards[slot].region_index])
     elif cmd == CMD_FORMAL_LOSS:
-        s.status[slot] = CARD_LOST
+        s.cards[slot].status = CARD_LOST
         if q.med_type == 1:
-            s.card_flags[slot] |= CF_STOLEN
+            s.cards[slot].card_flags |= CF_STOLEN
     elif cmd == CMD_UNLOSS:
         if st != CARD_TEMP_LOST:
             return RC_12
-        s.status[slot] = CARD_ACTIVE
+        s.cards[slot].status = CARD_ACTIVE
     elif cmd == CMD_REPLACE:
         if q.pan2_hash == 0:
             return RC_12
-        if card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash) >= 0:
+        if card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash) >= 0:
             return RC_94
         if s.card_count >= s.card_capacity:
             return RC_96
         other = <int32_t>s.card_count
         s.card_count += 1
-        s.pan_hash[other] = q.pan2_hash
-        card_index_set(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash, other)
+        s.cards[other].pan_hash = q.pan2_hash
+        card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash, other)
         move_card(s, slot, other)
         s.pvv_bank[other] = q.pin_pvv
         s.pvv_social[other] = q.pin_pvv_new
         r.other_slot = other
-        r.other_balance_fen = s.fin_balance_fen[other]
+        r.other_balance_fen = s.cards[other].fin_balance_fen
     elif cmd == CMD_CANCEL_CARD:
-        if s.ins_balance_fen[slot] != 0 or s.fin_balance_fen[slot] != 0:
+        if s.cards[slot].ins_balance_fen != 0 or s.cards[slot].fin_balance_fen != 0:
             if q.pan2_hash == 0:
                 return RC_12                 # a balance remains and nobody receives it
-            other = live_slot(s, card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash))
+            other = live_slot(s, card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash))
             if other < 0:
                 return RC_14
             if other == slot or card_gate(s, other, True, bd) != 0:
                 return RC_57
-            r.ins_leg_fen = s.ins_balance_fen[slot]
-            r.fin_leg_fen = s.fin_balance_fen[slot]
-            s.ins_balance_fen[other] += s.ins_balance_fen[slot]
-            s.fin_balance_fen[other] += s.fin_balance_fen[slot]
-            s.ins_balance_fen[slot] = 0
-            s.fin_balance_fen[slot] = 0
+            r.ins_leg_fen = s.cards[slot].ins_balance_fen
+            r.fin_leg_fen = s.cards[slot].fin_balance_fen
+            s.cards[other].ins_balance_fen += s.cards[slot].ins_balance_fen
+            s.cards[other].fin_balance_fen += s.cards[slot].fin_balance_fen
+            s.cards[slot].ins_balance_fen = 0
+            s.cards[slot].fin_balance_fen = 0
             r.other_slot = other
-            r.other_balance_fen = s.fin_balance_fen[other]
-        s.status[slot] = CARD_CANCELLED
-        s.card_flags[slot] &= ~CF_FIN_ACTIVE
-        card_index_delete(s.person_index, s.person_index_mask, s.person_hash, s.person_hash[slot])
+            r.other_balance_fen = s.cards[other].fin_balance_fen
+        s.cards[slot].status = CARD_CANCELLED
+        s.cards[slot].card_flags &= ~CF_FIN_ACTIVE
+        card_index_delete(s.person_index, s.person_index_mask, s.person_hash, 1, s.person_hash[slot])
     elif cmd == CMD_PIN_CHANGE:
         code = pin_gate(s, slot, q, r, social, True)
         if code != 0:
             return code
         if social:
             s.pvv_social[slot] = q.pin_pvv_new
-            s.card_flags[slot] |= CF_SOCIAL_PIN     # changed from the initial value: enabled
+            s.cards[slot].card_flags |= CF_SOCIAL_PIN     # changed from the initial value: enabled
         else:
             s.pvv_bank[slot] = q.pin_pvv_new
     elif cmd == CMD_PIN_RESET:
         if social:
             s.pvv_social[slot] = q.pin_pvv_new
-            s.tries_social[slot] = 0
-            s.card_flags[slot] &= ~CF_SOCIAL_PIN    # back to an initial PIN: not enabled
+            s.cards[slot].tries_social = 0
+            s.cards[slot].card_flags &= ~CF_SOCIAL_PIN    # back to an initial PIN: not enabled
         else:
             s.pvv_bank[slot] = q.pin_pvv_new
-            s.tries_bank[slot] = 0
+            s.cards[slot].tries_bank = 0
     elif cmd == CMD_PIN_UNLOCK:
         if social:
-            s.tries_social[slot] = 0
+            s.cards[slot].tries_social = 0
         else:
-            s.tries_bank[slot] = 0
+            s.cards[slot].tries_bank = 0
     elif cmd == CMD_CREDIT_FIN:
         code = card_gate(s, slot, True, bd)
         if code != 0 and code != RC_54:             # an expired card still receives money
             return code
-        s.fin_balance_fen[slot] += q.amount_fen
+        s.cards[slot].fin_balance_fen += q.amount_fen
         r.amount_fen = q.amount_fen
         r.fin_leg_fen = -q.amount_fen
     elif cmd == CMD_CREDIT_INS:
-        s.ins_balance_fen[slot] += q.amount_fen     # the account exists whatever the card's state
+        s.cards[slot].ins_balance_fen += q.amount_fen     # the account exists whatever the card's state
         r.amount_fen = q.amount_fen
         r.ins_leg_fen = -q.amount_fen
     else:
@@ -1048,9 +1048,9 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
         return cmd_reversal(s, q, r, bd)
     # 9. the card: unknown 14, then card_gate's order (43, 41, 62, 54)
     if q.pan_hash == 0 and q.person_hash != 0 and (cmd == CMD_CREDIT_FIN or cmd == CMD_CREDIT_INS):
-        slot = card_index_find(s.person_index, s.person_index_mask, s.person_hash, q.person_hash)
+        slot = card_index_find(s.person_index, s.person_index_mask, s.person_hash, 1, q.person_hash)
     else:
-        slot = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan_hash)
+        slot = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash)
     if slot < 0:
         return RC_14
     r.card_slot = slot
@@ -1060,7 +1060,7 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
     credit_back = cmd == CMD_VOID or cmd == CMD_REFUND or cmd == CMD_MED_CANCEL
     if credit_back:
         # Money goes back to where it came from even after a loss or a replacement.
-        if s.status[live_slot(s, slot)] == CARD_CANCELLED:
+        if s.cards[live_slot(s, slot)].status == CARD_CANCELLED:
             return RC_62
     else:
         code = card_gate(s, slot, not (cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE
@@ -1073,7 +1073,7 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
     # 10. PIN: social PIN for medical commands when enabled, bank PIN where §3.5 requires it
     social = cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE or cmd == CMD_MED_CANCEL
     code = pin_gate(s, slot, q, r, social,
-                    (s.card_flags[slot] & CF_SOCIAL_PIN) != 0 if social and cmd != CMD_MED_CANCEL
+                    (s.cards[slot].card_flags & CF_SOCIAL_PIN) != 0 if social and cmd != CMD_MED_CANCEL
                     else (cmd == CMD_BALANCE or cmd == CMD_PURCHASE or cmd == CMD_WITHDRAW
                           or cmd == CMD_TRANSFER))
     if code != 0:
@@ -1090,31 +1090,31 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
     if cmd == CMD_BALANCE:
         return RC_00
     if cmd == CMD_DEPOSIT:
-        s.fin_balance_fen[slot] += q.amount_fen
+        s.cards[slot].fin_balance_fen += q.amount_fen
         r.amount_fen = q.amount_fen
         r.fin_leg_fen = -q.amount_fen
     elif cmd == CMD_PURCHASE or cmd == CMD_WITHDRAW:
-        if s.fin_balance_fen[slot] < q.amount_fen:
+        if s.cards[slot].fin_balance_fen < q.amount_fen:
             return RC_51
-        s.fin_balance_fen[slot] -= q.amount_fen
+        s.cards[slot].fin_balance_fen -= q.amount_fen
         r.amount_fen = q.amount_fen
         r.fin_leg_fen = q.amount_fen
     elif cmd == CMD_TRANSFER:
-        other = card_index_find(s.pan_index, s.pan_index_mask, s.pan_hash, q.pan2_hash)
+        other = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash)
         if other < 0:
             return RC_14
         if other == slot:
             return RC_12
         if card_gate(s, other, True, bd) != 0:
             return RC_57
-        if s.fin_balance_fen[slot] < q.amount_fen:
+        if s.cards[slot].fin_balance_fen < q.amount_fen:
             return RC_51
-        s.fin_balance_fen[slot] -= q.amount_fen
-        s.fin_balance_fen[other] += q.amount_fen
+        s.cards[slot].fin_balance_fen -= q.amount_fen
+        s.cards[other].fin_balance_fen += q.amount_fen
         r.amount_fen = q.amount_fen
         r.fin_leg_fen = q.amount_fen
         r.other_slot = other
-        r.other_balance_fen = s.fin_balance_fen[other]
+        r.other_balance_fen = s.cards[other].fin_balance_fen
     r.outcome_flags |= RES_POSTED
     report_balances(s, slot, r)
     return RC_00
@@ -1138,19 +1138,8 @@ cdef inline void prefetch_indexes(const State* s, const Request* q) noexcept nog
 cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     cdef int32_t slot = s.pan_index[q.pan_hash & s.pan_index_mask]
     if slot >= 0:
-        prefetch(&s.pan_hash[slot])
-        prefetch(&s.ins_balance_fen[slot])
-        prefetch(&s.fin_balance_fen[slot])
-        prefetch(&s.status[slot])
-        prefetch(&s.ded_used_fen[2 * slot])
-        prefetch(&s.fund_paid_fen[2 * slot])
-        prefetch(&s.card_flags[slot])
-        prefetch(&s.expiry_yymm[slot])
-        prefetch(&s.region_index[slot])
-        prefetch(&s.ins_type_index[slot])
-        prefetch(&s.person_type[slot])
-        prefetch(&s.acc_year[slot])
-        prefetch(&s.admissions[2 * slot])
+        prefetch(&s.cards[slot])
+        prefetch(&s.years[slot])
         prefetch(&s.payer_slot[slot])
 
 
@@ -1242,8 +1231,33 @@ def _offsets_policy():
     }
 
 
+def _offsets_card_hot():
+    cdef CardHot x
+    cdef char* b = <char*>&x
+    return sizeof(CardHot), {
+        "ins_balance_fen": <char*>&x.ins_balance_fen - b, "ded_used_fen": <char*>&x.ded_used_fen - b,
+        "fund_paid_fen": <char*>&x.fund_paid_fen - b, "status": <char*>&x.status - b,
+        "tries_bank": <char*>&x.tries_bank - b,
+    }
+
+
+def _offsets_card_year():
+    cdef CardYear x
+    cdef char* b = <char*>&x
+    return sizeof(CardYear), {"acc_year": <char*>&x.acc_year - b, "expiry_yymm": <char*>&x.expiry_yymm - b}
+
+
 cdef inline void* _ptr(cnp.ndarray a):
     return cnp.PyArray_DATA(a)
+
+
+def aligned_copy(array):
+    """A copy of `array` whose data starts on a 64-byte boundary (a cache line)."""
+    raw = np.zeros(array.nbytes + 64, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    out = raw[offset:offset + array.nbytes].view(array.dtype)
+    out[...] = array
+    return out
 
 
 cdef class Core:
@@ -1262,27 +1276,16 @@ cdef class Core:
         cdef cnp.ndarray meta = a["meta"]
         memset(&self.s, 0, sizeof(State))
         self.s.card_count = a["meta"][2]
-        self.s.card_capacity = a["pan_hash"].shape[0]
-        self.s.pan_hash = <uint64_t*>_ptr(a["pan_hash"])
+        self.s.card_capacity = a["cards"].shape[0]
+        if cnp.PyArray_DATA(a["cards"]) == NULL or (<size_t>cnp.PyArray_DATA(a["cards"])) % 64 != 0:
+            a["cards"] = aligned_copy(a["cards"])      # one card, one cache line
+        self.s.cards = <CardHot*>_ptr(a["cards"])
+        self.s.years = <CardYear*>_ptr(a["years"])
         self.s.person_hash = <uint64_t*>_ptr(a["person_hash"])
-        self.s.ins_balance_fen = <int64_t*>_ptr(a["ins_balance_fen"])
-        self.s.fin_balance_fen = <int64_t*>_ptr(a["fin_balance_fen"])
-        self.s.ded_used_fen = <int64_t*>_ptr(a["ded_used_fen"])
-        self.s.fund_paid_fen = <int64_t*>_ptr(a["fund_paid_fen"])
-        self.s.admissions = <uint16_t*>_ptr(a["admissions"])
-        self.s.acc_year = <uint16_t*>_ptr(a["acc_year"])
         self.s.pvv_social = <uint32_t*>_ptr(a["pvv_social"])
         self.s.pvv_bank = <uint32_t*>_ptr(a["pvv_bank"])
         self.s.payer_slot = <int32_t*>_ptr(a["payer_slot"])
         self.s.temp_loss_until = <uint32_t*>_ptr(a["temp_loss_until"])
-        self.s.region_index = <uint8_t*>_ptr(a["region_index"])
-        self.s.ins_type_index = <uint8_t*>_ptr(a["ins_type_index"])
-        self.s.person_type = <uint8_t*>_ptr(a["person_type"])
-        self.s.status = <uint8_t*>_ptr(a["status"])
-        self.s.card_flags = <uint8_t*>_ptr(a["card_flags"])
-        self.s.tries_social = <uint8_t*>_ptr(a["tries_social"])
-        self.s.tries_bank = <uint8_t*>_ptr(a["tries_bank"])
-        self.s.expiry_yymm = <uint16_t*>_ptr(a["expiry_yymm"])
         self.s.pan_index = <int32_t*>_ptr(a["pan_index"])
         self.s.pan_index_mask = a["pan_index"].shape[0] - 1
         self.s.person_index = <int32_t*>_ptr(a["person_index"])
@@ -1385,18 +1388,18 @@ def rebuild_card_indexes(dict arrays):
     cdef int32_t* pt = <int32_t*>_ptr(pan_index)
     cdef int32_t* qt = <int32_t*>_ptr(person_index)
     cdef uint64_t pmask = pan_index.shape[0] - 1, qmask = person_index.shape[0] - 1
-    cdef uint64_t* pan = <uint64_t*>_ptr(arrays["pan_hash"])
+    cdef CardHot* cards = <CardHot*>_ptr(arrays["cards"])
+    cdef uint64_t* pan = &cards[0].pan_hash
     cdef uint64_t* person = <uint64_t*>_ptr(arrays["person_hash"])
-    cdef uint8_t* status = <uint8_t*>_ptr(arrays["status"])
     cdef int64_t i, n = arrays["meta"][2]
     pan_index.fill(-1)
     person_index.fill(-1)
     with nogil:
         for i in range(n):
-            card_index_set(pt, pmask, pan, pan[i], <int32_t>i)
+            card_index_set(pt, pmask, pan, PAN_STRIDE, pan[i * PAN_STRIDE], <int32_t>i)
         for i in range(n):
-            if status[i] != CARD_REPLACED and status[i] != CARD_CANCELLED:
-                card_index_set(qt, qmask, person, person[i], <int32_t>i)
+            if cards[i].status != CARD_REPLACED and cards[i].status != CARD_CANCELLED:
+                card_index_set(qt, qmask, person, 1, person[i], <int32_t>i)
 
 
 def hash_rows(cnp.ndarray[cnp.uint8_t, ndim=2] rows not None, bytes key16 not None):

@@ -2,13 +2,14 @@
 institutions, terminals, the transaction ring. One place creates them, so checkpoints (which
 save and load exactly this dict) and the Core agree on names, dtypes and shapes.
 
-Memory per card: 93 bytes of columns + 2 indexes × 2 buckets × 4 bytes = 109 bytes
+Memory per card: 92 bytes of columns + 2 indexes × 2 buckets × 4 bytes = 108 bytes
 (DESIGN.md §3 allows 128). bench/bench_engine.py measures it with 10 million cards.
 """
 import numpy as np
 
 from .config import NodeConfig
-from .layouts import InstKind, POLICY_DTYPE, TXN_DTYPE, BANDS_MAX, Cmd
+from . import _core
+from .layouts import InstKind, POLICY_DTYPE, TXN_DTYPE, BANDS_MAX, Cmd, CARD_HOT_DTYPE, CARD_YEAR_DTYPE
 
 VISIT_TYPES = (11, 14, 21, 41)       # index = visit kind in the dense policy table
 LEVELS = 4                           # hospital level 0..3
@@ -18,16 +19,12 @@ KINDS = {"hospital": InstKind.HOSPITAL, "pharmacy": InstKind.PHARMACY, "bank": I
 META_TXN_COUNT, META_WARNINGS, META_CARD_COUNT, META_TRIES_SOCIAL, META_TRIES_BANK = range(5)
 META_SIZE = 16
 
-# (name, dtype, values per card) of every per-card column
+# (name, dtype) of every per-card column. `cards` holds what a settlement touches in one 64-byte
+# cache line (engine/_core.pxd: CardHot); `years` the year counters and expiry (CardYear).
 CARD_COLUMNS = (
-    ("pan_hash", np.uint64, 1), ("person_hash", np.uint64, 1),
-    ("ins_balance_fen", np.int64, 1), ("fin_balance_fen", np.int64, 1),
-    ("ded_used_fen", np.int64, 2), ("fund_paid_fen", np.int64, 2), ("admissions", np.uint16, 2),
-    ("acc_year", np.uint16, 1), ("pvv_social", np.uint32, 1), ("pvv_bank", np.uint32, 1),
-    ("payer_slot", np.int32, 1), ("temp_loss_until", np.uint32, 1),
-    ("region_index", np.uint8, 1), ("ins_type_index", np.uint8, 1), ("person_type", np.uint8, 1),
-    ("status", np.uint8, 1), ("card_flags", np.uint8, 1), ("tries_social", np.uint8, 1),
-    ("tries_bank", np.uint8, 1), ("expiry_yymm", np.uint16, 1),
+    ("cards", CARD_HOT_DTYPE), ("years", CARD_YEAR_DTYPE), ("person_hash", np.uint64),
+    ("pvv_social", np.uint32), ("pvv_bank", np.uint32), ("payer_slot", np.int32),
+    ("temp_loss_until", np.uint32),
 )
 
 
@@ -45,8 +42,9 @@ def _pow2_at_least(n: int) -> int:
 def card_arrays(capacity: int) -> dict:
     """Empty card columns and indexes for `capacity` cards (indexes at load ≤ 0.5)."""
     arrays = {}
-    for name, dtype, width in CARD_COLUMNS:
-        arrays[name] = np.zeros(capacity * width, dtype=dtype)
+    for name, dtype in CARD_COLUMNS:
+        arrays[name] = np.zeros(capacity, dtype=dtype)
+    arrays["cards"] = _core.aligned_copy(arrays["cards"])
     arrays["payer_slot"].fill(-1)
     buckets = _pow2_at_least(max(2 * capacity, 16))
     arrays["pan_index"] = np.full(buckets, -1, dtype=np.int32)

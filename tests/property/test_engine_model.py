@@ -122,13 +122,11 @@ def build(engine, op_tuple, history, stan_counter, pans):
 
 
 def card_state_engine(engine, slot):
-    a = engine.arrays
-    return (int(a["ins_balance_fen"][slot]), int(a["fin_balance_fen"][slot]),
-            [int(x) for x in a["ded_used_fen"][2 * slot:2 * slot + 2]],
-            [int(x) for x in a["fund_paid_fen"][2 * slot:2 * slot + 2]],
-            [int(x) for x in a["admissions"][2 * slot:2 * slot + 2]], int(a["acc_year"][slot]),
-            int(a["tries_social"][slot]), int(a["tries_bank"][slot]), int(a["payer_slot"][slot]),
-            int(a["status"][slot]))
+    c, y = engine.arrays["cards"][slot], engine.arrays["years"][slot]
+    return (int(c["ins_balance_fen"]), int(c["fin_balance_fen"]), [int(x) for x in c["ded_used_fen"]],
+            [int(x) for x in c["fund_paid_fen"]], [int(x) for x in y["admissions"]], int(y["acc_year"]),
+            int(c["tries_social"]), int(c["tries_bank"]), int(engine.arrays["payer_slot"][slot]),
+            int(c["status"]))
 
 
 def card_state_reference(ref, slot):
@@ -139,9 +137,7 @@ def card_state_reference(ref, slot):
 
 def check_invariants(engine, requests, results, before_total_fen):
     """DESIGN.md §6 invariants 1–5 on one applied batch."""
-    a = engine.arrays
-    n = engine.card_count
-    ins, fin = a["ins_balance_fen"][:n], a["fin_balance_fen"][:n]
+    ins, fin = engine.column("ins_balance_fen"), engine.column("fin_balance_fen")
     assert (ins >= 0).all() and (fin >= 0).all()                                  # 1
     effective = ((results["outcome_flags"] & ResFlag.POSTED) != 0) & \
                 ((results["outcome_flags"] & ResFlag.DUPLICATE) == 0) & (results["cmd"] != Cmd.ISSUE)
@@ -170,7 +166,7 @@ def check_invariants(engine, requests, results, before_total_fen):
 
 def total_fen(engine):
     n = engine.card_count
-    return int(engine.arrays["ins_balance_fen"][:n].sum()) + int(engine.arrays["fin_balance_fen"][:n].sum())
+    return int(engine.column("ins_balance_fen").sum()) + int(engine.column("fin_balance_fen").sum())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -210,5 +210,5 @@ def test_generated_card_figures(demo):
     for k in (0, 1, 2, 3, 99):
         slot = engine.slot_of(keys.pan_hash(pans[k].decode()))
         assert engine.balances(slot) == (100000 + (k % 1000) * 100, 5000000)
-        assert engine.arrays["region_index"][slot] == (0 if k % 2 == 0 else 1)
-        assert engine.arrays["person_type"][slot] == (1 if k % 3 == 0 else 0)
+        assert engine.column("region_index")[slot] == (0 if k % 2 == 0 else 1)
+        assert engine.column("person_type")[slot] == (1 if k % 3 == 0 else 0)

@@ -124,7 +124,7 @@ def test_pin_change_enables_the_social_pin(demo):
                            business_date=BD)[0]
     assert rc_str(r["code"]) == "00"
     slot = int(r["card_slot"])
-    assert engine.arrays["card_flags"][slot] & CardFlag.SOCIAL_PIN
+    assert engine.column("card_flags")[slot] & CardFlag.SOCIAL_PIN
     q = medical(engine, keys, pan, "T0000001", 10000, 0, 0, 0, 10000, med_type=11)
     assert rc_str(engine.apply_batch(q, business_date=BD)[0]["code"]) == "55"
     q = medical(engine, keys, pan, "T0000001", 10000, 0, 0, 0, 10000, med_type=11, pin="246810")
