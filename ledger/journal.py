@@ -1,0 +1,220 @@
+"""The append-only journal: one LMDB environment per node, one value per batch of fixed records,
+a hash-chained batch header per batch, written in one transaction and fsynced before append()
+returns (group commit: many messages, one write txn, one fsync).
+
+Layout in the environment (DESIGN.md §4):
+  journal  key = big-endian u64 first sequence of the batch → the batch's records (RECORD_DTYPE)
+  headers  key = big-endian u64 batch number → HEADER_DTYPE
+  meta     b"layout_version" → u32; b"created_by" → text
+"""
+import fcntl
+import hashlib
+import os
+import struct
+
+import lmdb
+import numpy as np
+
+from .records import RECORD_DTYPE, RECORD_LAYOUT_VERSION
+
+HEADER_DTYPE = np.dtype([
+    ("batch_no", "<u8"), ("first_seq", "<u8"), ("last_seq", "<u8"), ("business_date", "<u4"),
+    ("record_count", "<u4"), ("prev_hash", "V32"), ("hash", "V32"),
+])
+ZERO_HASH = bytes(32)
+MAP_SIZE_BYTES_DEFAULT = 64 << 30          # address space only; the file grows as written
+
+
+class LedgerError(Exception):
+    """An operational error of the ledger; the message says what happened and the remedy."""
+
+
+class CorruptLedgerError(LedgerError):
+    """Stored bytes are not what was written (torn, flipped, truncated): never used silently."""
+
+
+def be64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def batch_hash(prev_hash: bytes, records: bytes) -> bytes:
+    """BLAKE2b-256 over the previous header's hash and this batch's record bytes."""
+    h = hashlib.blake2b(prev_hash, digest_size=32)
+    h.update(records)
+    return h.digest()
+
+
+class Journal:
+    """`Journal(data_dir)` opens an existing ledger; `Journal(data_dir, create=True)` makes one.
+
+    >>> j = Journal("/tmp/node", create=True)      # doctest: +SKIP
+    >>> header = j.append(records, business_date=20261124)   # durable when it returns
+    """
+
+    def __init__(self, data_dir: str, *, create: bool = False, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT):
+        self.data_dir = os.path.abspath(data_dir)
+        if not os.path.isdir(self.data_dir):
+            if not create:
+                raise LedgerError(f"data directory {self.data_dir} does not exist: give the node's data "
+                                  f"directory, or create a node with `yikatong init --data DIR`")
+            os.makedirs(self.data_dir)
+        if not os.access(self.data_dir, os.R_OK | os.W_OK | os.X_OK):
+            raise LedgerError(f"data directory {self.data_dir} is not readable and writable by this user: "
+                              f"fix its permissions")
+        path = os.path.join(self.data_dir, "journal.lmdb")
+        exists = os.path.exists(os.path.join(path, "data.mdb"))
+        if not exists and not create:
+            raise LedgerError(f"{self.data_dir} holds no ledger (no journal.lmdb): refusing to create an empty "
+                              f"one in the wrong place; use `yikatong init --data DIR` for a new node")
+        # One running node per data directory: an exclusive, non-blocking lock held while open.
+        self._lock_file = open(os.path.join(self.data_dir, "node.lock"), "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise LedgerError(f"data directory {self.data_dir} is in use by another running node "
+                              f"(node.lock is held): stop that node first") from None
+        self.map_size_bytes = map_size_bytes
+        self.env = lmdb.open(
+            path,
+            map_size=map_size_bytes,   # address space reserved for the file; full → MapFullError (see append)
+            max_dbs=4,                 # journal, headers, meta
+            subdir=True,
+            sync=True,                 # fsync the data on every commit: an acknowledged batch survives power loss
+            metasync=True,             # fsync the meta page too: the commit itself is durable, not only its data
+            writemap=False,            # write through write(2), never through a writable map: a stray
+                                       # pointer cannot corrupt the file, and torn pages are not possible
+            map_async=False,           # (only with writemap) never let the OS flush the map asynchronously
+            readahead=False,           # random reads of batch values; the OS need not read ahead
+            lock=True,                 # LMDB's own reader/writer lock table
+            meminit=False,             # no need to zero buffers: values are fully written
+            max_readers=64,
+        )
+        self.journal_db = self.env.open_db(b"journal")
+        self.headers_db = self.env.open_db(b"headers")
+        self.meta_db = self.env.open_db(b"meta")
+        with self.env.begin(write=True) as txn:
+            version = txn.get(b"layout_version", db=self.meta_db)
+            if version is None:
+                if not txn.put(b"layout_version", struct.pack("<I", RECORD_LAYOUT_VERSION), db=self.meta_db):
+                    raise LedgerError("could not write the layout version")
+            else:
+                stored = struct.unpack("<I", version)[0]
+                if stored > RECORD_LAYOUT_VERSION:
+                    raise LedgerError(f"{self.data_dir} was written with record layout version {stored}; this "
+                                      f"build reads up to version {RECORD_LAYOUT_VERSION}: upgrade yikatong")
+        self._load_tail()
+
+    # ---- state of the tail ------------------------------------------------------------------
+    def _load_tail(self):
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.headers_db)
+            if cur.last():
+                header = np.frombuffer(cur.value(), dtype=HEADER_DTYPE)[0]
+                self.last_batch_no = int(header["batch_no"])
+                self.last_seq = int(header["last_seq"])
+                self.last_hash = bytes(header["hash"])
+                self.last_business_date = int(header["business_date"])
+            else:
+                self.last_batch_no, self.last_seq, self.last_hash, self.last_business_date = 0, 0, ZERO_HASH, 0
+
+    # ---- writing ------------------------------------------------------------------------------
+    def append(self, records: np.ndarray, business_date: int) -> np.ndarray:
+        """Write one batch of records (their `seq` must continue the journal) and its header in
+        one transaction; returns the header once the commit is durable. Any failure is final for
+        this Journal (fail-stop): nothing after a failed commit is ever acknowledged."""
+        if getattr(self, "failed", None):
+            raise LedgerError(f"the journal stopped after a failed commit ({self.failed}); restart the node")
+        n = records.shape[0]
+        if n == 0:
+            raise ValueError("append: an empty batch")
+        if records.dtype != RECORD_DTYPE:
+            raise TypeError(f"append: records of dtype {records.dtype}, expecting RECORD_DTYPE")
+        first, last = int(records["seq"][0]), int(records["seq"][-1])
+        if first != self.last_seq + 1 or last != first + n - 1:
+            raise LedgerError(f"append: batch sequences {first}..{last} do not continue the journal at "
+                              f"{self.last_seq} (a programmer error: sequences are assigned by the node)")
+        if business_date < self.last_business_date:
+            raise LedgerError(f"append: business date {business_date} before {self.last_business_date}")
+        payload = np.ascontiguousarray(records).tobytes()
+        header = np.zeros(1, dtype=HEADER_DTYPE)
+        header["batch_no"] = self.last_batch_no + 1
+        header["first_seq"] = first
+        header["last_seq"] = last
+        header["business_date"] = business_date
+        header["record_count"] = n
+        header["prev_hash"] = np.void(self.last_hash)
+        digest = batch_hash(self.last_hash, payload)
+        header["hash"] = np.void(digest)
+        try:
+            with self.env.begin(write=True) as txn:
+                # append=True: keys must grow; py-lmdb returns False (and writes nothing) otherwise
+                if not txn.put(be64(first), payload, db=self.journal_db, append=True):
+                    raise LedgerError(f"journal put for sequence {first} refused (out of order)")
+                if not txn.put(be64(self.last_batch_no + 1), header.tobytes(), db=self.headers_db, append=True):
+                    raise LedgerError(f"header put for batch {self.last_batch_no + 1} refused (out of order)")
+        except lmdb.MapFullError:
+            self.failed = "map full"
+            raise LedgerError(f"the ledger is full: map_size is {self.map_size_bytes} bytes. Nothing of this batch "
+                              f"was written and nothing acknowledged is lost. Restart the node with a larger "
+                              f"map_size (ledger.map_size_bytes in the config)") from None
+        except lmdb.Error as e:
+            self.failed = type(e).__name__
+            raise LedgerError(f"commit failed ({type(e).__name__}: {e}); the node stops (fail-stop)") from None
+        self.last_batch_no += 1
+        self.last_seq = last
+        self.last_hash = digest
+        self.last_business_date = business_date
+        return header[0]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def headers(self) -> np.ndarray:
+        with self.env.begin() as txn:
+            values = [v for _, v in txn.cursor(db=self.headers_db)]
+        return np.frombuffer(b"".join(values), dtype=HEADER_DTYPE) if values else np.zeros(0, dtype=HEADER_DTYPE)
+
+    def read(self, first: int = 1, last: int | None = None) -> np.ndarray:
+        """Records first..last (inclusive) as one structured array; Python runs per batch."""
+        last = self.last_seq if last is None else min(last, self.last_seq)
+        if last < first:
+            return np.zeros(0, dtype=RECORD_DTYPE)
+        chunks = []
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self.journal_db)
+            if not cur.set_range(be64(first)) or struct.unpack(">Q", bytes(cur.key()))[0] > first:
+                if not cur.prev() and not cur.first():
+                    return np.zeros(0, dtype=RECORD_DTYPE)
+            while True:
+                start = struct.unpack(">Q", bytes(cur.key()))[0]
+                if start > last:
+                    break
+                value = cur.value()
+                if len(value) % RECORD_DTYPE.itemsize:
+                    raise CorruptLedgerError(f"journal value at sequence {start}: {len(value)} bytes, not a "
+                                             f"multiple of the {RECORD_DTYPE.itemsize}-byte record")
+                batch = np.frombuffer(value, dtype=RECORD_DTYPE)
+                lo = max(first - start, 0)
+                hi = min(last - start + 1, batch.shape[0])
+                if hi > lo:
+                    chunks.append(batch[lo:hi].copy())     # copy out of the transaction's memory
+                if not cur.next():
+                    break
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=RECORD_DTYPE)
+
+    def batches(self):
+        """(header, records) of every batch in order — for replay and verify."""
+        headers = self.headers()
+        with self.env.begin(buffers=True) as txn:
+            for header in headers:
+                value = txn.get(be64(int(header["first_seq"])), db=self.journal_db)
+                if value is None:
+                    raise CorruptLedgerError(f"batch {int(header['batch_no'])}: no journal value at sequence "
+                                             f"{int(header['first_seq'])}")
+                yield header, bytes(value)
+
+    def close(self):
+        self.env.close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._lock_file.close()

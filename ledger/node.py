@@ -1,0 +1,220 @@
+"""A node's durable state: the configuration, the engine, the journal and the checkpoints in one
+data directory, and start-up recovery (newest valid checkpoint + replay of the tail through the
+same apply).
+
+    node = Node.init(DIR, config, genesis)          # a new node, its genesis journaled
+    results = node.apply_and_append(requests, business_date=20261124)   # durable on return
+    node.close(); node = Node.open(DIR)             # recovered: same arrays, same answers
+"""
+import glob
+import hashlib
+import json
+import logging
+import os
+
+import msgspec
+import numpy as np
+
+from yikatong.engine import Engine, RESULT_DTYPE
+from yikatong.engine.config import NodeConfig
+
+from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
+from .records import RECORD_DTYPE, records_from_batch
+
+log = logging.getLogger("yikatong.ledger")
+
+
+class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """What a data directory was created with (node.json)."""
+    config: NodeConfig
+    card_capacity: int
+    txn_retention_count: int = 1 << 20
+    checkpoint_every_records: int = 1_000_000
+    map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+class Node:
+    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine):
+        self.data_dir = data_dir
+        self.settings = settings
+        self.journal = journal
+        self.engine = engine
+        self.checkpoint_seq = 0
+        self.failed = None
+
+    # ---- creation and recovery --------------------------------------------------------------
+    @classmethod
+    def init(cls, data_dir: str, settings: NodeSettings, genesis, business_date: int) -> "Node":
+        """Create a node in an empty (or missing) directory and journal its genesis batches."""
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            raise LedgerError(f"{data_dir} is not empty: a new node needs an empty data directory")
+        os.makedirs(data_dir, exist_ok=True)
+        _write_durably(os.path.join(data_dir, "node.json"), msgspec.json.encode(settings))
+        journal = Journal(data_dir, create=True, map_size_bytes=settings.map_size_bytes)
+        engine = Engine(settings.config, card_capacity=settings.card_capacity,
+                        txn_retention_count=settings.txn_retention_count)
+        node = cls(data_dir, settings, journal, engine)
+        for batch in genesis:
+            results = node.apply_and_append(batch, business_date)
+            refused = results["code"] != 0x3030
+            if refused.any():
+                raise LedgerError(f"genesis: {int(refused.sum())} command(s) refused")
+        return node
+
+    @classmethod
+    def open(cls, data_dir: str) -> "Node":
+        """Recover a node: the newest checkpoint, verified, then the journal's tail replayed
+        through the same apply; every replayed result must equal the recorded one."""
+        path = os.path.join(os.path.abspath(data_dir), "node.json")
+        if not os.path.isdir(data_dir):
+            raise LedgerError(f"data directory {data_dir} does not exist: give the node's data directory, "
+                              f"or create one with `yikatong init --data DIR`")
+        if not os.path.exists(path):
+            raise LedgerError(f"{data_dir} holds no node (no node.json): refusing to start an empty node "
+                              f"there; create one with `yikatong init --data DIR`")
+        try:
+            settings = msgspec.json.decode(open(path, "rb").read(), type=NodeSettings)
+        except msgspec.ValidationError as e:
+            raise LedgerError(f"{path}: {e}") from None
+        journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes)
+        try:
+            engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal)
+            node = cls(data_dir, settings, journal, engine)
+            node.checkpoint_seq = seq
+            node._replay_tail(batch_no, chain_hash)
+        except BaseException:
+            journal.close()
+            raise
+        return node
+
+    @staticmethod
+    def _checkpoints(data_dir: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(data_dir, "checkpoints", "ckpt-*.json")))
+
+    @classmethod
+    def _load_checkpoint(cls, data_dir, settings, journal):
+        metas = cls._checkpoints(data_dir)
+        if not metas:
+            engine = Engine(settings.config, card_capacity=settings.card_capacity,
+                            txn_retention_count=settings.txn_retention_count)
+            return engine, 0, 0, bytes(32)
+        meta_path = metas[-1]
+        meta = json.load(open(meta_path))
+        arrays, digest = load_checkpoint_arrays(meta_path)
+        if digest != meta["file_blake2b"]:
+            raise CorruptLedgerError(f"checkpoint {meta['file']}: content hash {digest[:16]}…, expected "
+                                     f"{meta['file_blake2b'][:16]}… (torn or altered). Remedy: move it (and its "
+                                     f".json) out of checkpoints/; the node then recovers from an older one")
+        headers = journal.headers()
+        batch_no = int(meta["batch_no"])
+        if batch_no > headers.shape[0] or bytes(headers[batch_no - 1]["hash"]).hex() != meta["chain_hash"]:
+            raise CorruptLedgerError(f"checkpoint {meta['file']} is at batch {batch_no} whose journal hash does "
+                                     f"not match: it does not belong to this journal")
+        return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, bytes.fromhex(meta["chain_hash"])
+
+    def _replay_tail(self, after_batch_no: int, chain_hash: bytes):
+        for header, payload in self.journal.batches():
+            if int(header["batch_no"]) <= after_batch_no:
+                continue
+            check_batch(header, payload, chain_hash)
+            chain_hash = bytes(header["hash"])
+            records = np.frombuffer(payload, dtype=RECORD_DTYPE)
+            results = self.engine.apply_batch(np.ascontiguousarray(records["request"]),
+                                              business_date=int(header["business_date"]))
+            if results.tobytes() != np.ascontiguousarray(records["result"]).tobytes():
+                bad = int(np.flatnonzero(results != records["result"])[0])
+                raise CorruptLedgerError(f"replay diverged at sequence {int(records['seq'][bad])}: the engine "
+                                         f"answered differently from the journal (engine or configuration changed?)")
+
+    # ---- the write path -----------------------------------------------------------------------
+    def apply_and_append(self, requests: np.ndarray, business_date: int) -> np.ndarray:
+        """Apply a batch and journal it; returns the results once they are durable.
+        A failed commit stops the node (fail-stop): restart it to recover from the journal."""
+        if self.failed:
+            raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
+        results = self.engine.apply_batch(requests, business_date=business_date)
+        records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date)
+        try:
+            self.journal.append(records, business_date)
+        except Exception as e:
+            self.failed = str(e)
+            raise
+        if self.journal.last_seq - self.checkpoint_seq >= self.settings.checkpoint_every_records:
+            self.checkpoint()
+        return results
+
+    def checkpoint(self) -> str:
+        """Save the engine's arrays at the journal's current sequence: write, fsync, rename."""
+        folder = os.path.join(self.data_dir, "checkpoints")
+        os.makedirs(folder, exist_ok=True)
+        seq = self.journal.last_seq
+        name = f"ckpt-{seq:020d}"
+        npz = os.path.join(folder, name + ".npz")
+        with open(npz + ".tmp", "wb") as f:
+            np.savez(f, **self.engine.arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(npz + ".tmp", npz)
+        digest = file_blake2b(npz)
+        meta = {"file": name + ".npz", "seq": seq, "batch_no": self.journal.last_batch_no,
+                "chain_hash": self.journal.last_hash.hex(), "file_blake2b": digest}
+        # the .json is written last: a checkpoint without it is incomplete and ignored
+        _write_durably(os.path.join(folder, name + ".json"), json.dumps(meta).encode())
+        self.checkpoint_seq = seq
+        log.info("checkpoint at sequence %d (batch %d): %s", seq, self.journal.last_batch_no, npz)
+        return npz
+
+    def close(self):
+        self.journal.close()
+
+
+def file_blake2b(path: str) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint_arrays(meta_path: str) -> tuple[dict, str]:
+    meta = json.load(open(meta_path))
+    npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    digest = file_blake2b(npz)
+    if digest != meta["file_blake2b"]:
+        return {}, digest
+    with np.load(npz) as data:
+        return {name: data[name].copy() for name in data.files}, digest
+
+
+def check_batch(header, payload: bytes, prev_hash: bytes):
+    """The batch's bytes hash to its header, and the header chains to the previous one."""
+    batch_no = int(header["batch_no"])
+    if bytes(header["prev_hash"]) != prev_hash:
+        raise CorruptLedgerError(f"batch {batch_no}: previous hash {bytes(header['prev_hash']).hex()[:16]}…, "
+                                 f"expected {prev_hash.hex()[:16]}… (hash chain broken)")
+    if len(payload) != int(header["record_count"]) * RECORD_DTYPE.itemsize:
+        raise CorruptLedgerError(f"batch {batch_no}: {len(payload)} bytes of records, expected "
+                                 f"{int(header['record_count']) * RECORD_DTYPE.itemsize} (torn)")
+    found = batch_hash(prev_hash, payload)
+    if found != bytes(header["hash"]):
+        raise CorruptLedgerError(f"batch {batch_no} (sequence {int(header['first_seq'])}…{int(header['last_seq'])}): "
+                                 f"records hash {found.hex()[:16]}…, header says {bytes(header['hash']).hex()[:16]}… "
+                                 f"(records altered)")
