@@ -12,3 +12,15 @@ def init_demo_node(data_dir: str, generated_cards: int = 100_000, checkpoint_eve
                             txn_retention_count=txn_retention_count)
     return Node.init(data_dir, settings, genesis_batches(CardKeys(DEMO_DATA_KEY), generated_cards),
                      business_date or today())
+
+
+def node_keys():
+    """The node's data key: YIKATONG_DATA_KEY_FILE (32 bytes, outside the data directory), else
+    the demo key (a demo only; see docs/engine.md)."""
+    import logging
+    import os
+    path = os.environ.get("YIKATONG_DATA_KEY_FILE")
+    if path:
+        return CardKeys(open(path, "rb").read())
+    logging.getLogger("yikatong").warning("YIKATONG_DATA_KEY_FILE is not set: using the demo node's data key")
+    return CardKeys(DEMO_DATA_KEY)
