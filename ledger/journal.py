@@ -51,7 +51,10 @@ class Journal:
     >>> header = j.append(records, business_date=20261124)   # durable when it returns
     """
 
-    def __init__(self, data_dir: str, *, create: bool = False, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT):
+    def __init__(self, data_dir: str, *, create: bool = False, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
+                 readonly: bool = False):
+        """`readonly=True`: a reader beside a running node (verify, jobs): LMDB's MVCC gives it a
+        consistent snapshot per transaction; it takes no node lock and can never write."""
         self.data_dir = os.path.abspath(data_dir)
         if not os.path.isdir(self.data_dir):
             if not create:
@@ -67,13 +70,15 @@ class Journal:
             raise LedgerError(f"{self.data_dir} holds no ledger (no journal.lmdb): refusing to create an empty "
                               f"one in the wrong place; use `yikatong init --data DIR` for a new node")
         # One running node per data directory: an exclusive, non-blocking lock held while open.
-        self._lock_file = open(os.path.join(self.data_dir, "node.lock"), "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise LedgerError(f"data directory {self.data_dir} is in use by another running node "
-                              f"(node.lock is held): stop that node first") from None
+        self._lock_file = None
+        if not readonly:
+            self._lock_file = open(os.path.join(self.data_dir, "node.lock"), "a+")
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock_file.close()
+                raise LedgerError(f"data directory {self.data_dir} is in use by another running node "
+                                  f"(node.lock is held): stop that node first") from None
         self.map_size_bytes = map_size_bytes
         self.env = lmdb.open(
             path,
@@ -89,16 +94,17 @@ class Journal:
             lock=True,                 # LMDB's own reader/writer lock table
             meminit=False,             # no need to zero buffers: values are fully written
             max_readers=64,
+            readonly=readonly,
         )
-        self.journal_db = self.env.open_db(b"journal")
-        self.headers_db = self.env.open_db(b"headers")
-        self.meta_db = self.env.open_db(b"meta")
-        with self.env.begin(write=True) as txn:
+        self.journal_db = self.env.open_db(b"journal", create=not readonly)
+        self.headers_db = self.env.open_db(b"headers", create=not readonly)
+        self.meta_db = self.env.open_db(b"meta", create=not readonly)
+        with self.env.begin(write=not readonly) as txn:
             version = txn.get(b"layout_version", db=self.meta_db)
-            if version is None:
+            if version is None and not readonly:
                 if not txn.put(b"layout_version", struct.pack("<I", RECORD_LAYOUT_VERSION), db=self.meta_db):
                     raise LedgerError("could not write the layout version")
-            else:
+            elif version is not None:
                 stored = struct.unpack("<I", version)[0]
                 if stored > RECORD_LAYOUT_VERSION:
                     raise LedgerError(f"{self.data_dir} was written with record layout version {stored}; this "
@@ -214,7 +220,8 @@ class Journal:
 
     def close(self):
         self.env.close()
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        finally:
-            self._lock_file.close()
+        if self._lock_file is not None:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            finally:
+                self._lock_file.close()

@@ -44,7 +44,7 @@ def verify(data_dir: str) -> dict:
     """Returns counts when everything holds; raises VerifyError at the first broken point."""
     import msgspec
     settings = msgspec.json.decode(open(os.path.join(data_dir, "node.json"), "rb").read(), type=NodeSettings)
-    journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes)
+    journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes, readonly=True)
     try:
         checkpoints = {}
         for meta_path in Node._checkpoints(data_dir):
