@@ -42,7 +42,10 @@ def issuance_file() -> str:
     unknown_region = f"{cid('11010119900101007')},周九,440000,310,in_service,{pan(5007)},3012,0,0\n"
     duplicated = good1.replace("张三", "张三")
     same_person = f"{cid('11010519650312001')},吴十,110000,310,in_service,{pan(5008)},3012,0,0\n"  # …0017's holder
-    return HEADER + good1 + good2 + bad_check + bad_luhn + negative + non_numeric + unknown_region + duplicated + same_person
+    short = f"{cid('11010119900101009')},郑一,110000,310\n"
+    chinese_region = f"{cid('11010119900101010')},冯二,北京,310,in_service,{pan(5010)},3012,0,0\n"
+    return (HEADER + good1 + good2 + bad_check + bad_luhn + negative + non_numeric + unknown_region + duplicated
+            + same_person + short + chinese_region)
 
 
 def test_issuance_every_bad_line_and_idempotence(node):
@@ -56,6 +59,8 @@ def test_issuance_every_bad_line_and_idempotence(node):
         8: "region is not configured on this node",
         9: f"duplicated line: PAN …{pan(5001)[-4:]} already on line 2",
         10: "the person already has a live card (一人一卡)",
+        11: "4 fields, expecting 9",
+        12: "region is not configured on this node",
     }
     assert report.counts["imported"] == 2
     slot = node.engine.slot_of(KEYS.pan_hash(pan(5001)))
@@ -135,6 +140,6 @@ def test_cli_import_then_verify(tmp_path):
     out = subprocess.run([sys.executable, "-m", "yikatong.main", "cards", "import", str(path), "--data", data_dir,
                           "--date", str(BD)], capture_output=True, text=True)
     assert out.returncode == 1, out.stderr                       # some lines had errors
-    assert "imported: 2" in out.stdout and "7 line(s) with errors" in out.stdout
+    assert "imported: 2" in out.stdout and "9 line(s) with errors" in out.stdout
     assert (tmp_path / "cards.csv.errors.csv").read_text().splitlines()[1].startswith("4,")
     assert verify(data_dir)["records"] > 0
