@@ -19,7 +19,7 @@ from yikatong.engine import Engine, RESULT_DTYPE
 from yikatong.engine.config import NodeConfig
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
-from .records import RECORD_DTYPE, records_from_batch
+from .records import KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
 
 log = logging.getLogger("yikatong.ledger")
 
@@ -59,6 +59,33 @@ class Node:
         self.engine = engine
         self.checkpoint_seq = 0
         self.failed = None
+        self.business_date = journal.last_business_date
+
+    @staticmethod
+    def next_day(yyyymmdd: int) -> int:
+        import datetime
+        d = datetime.date(yyyymmdd // 10000, yyyymmdd // 100 % 100, yyyymmdd % 100) + datetime.timedelta(days=1)
+        return d.year * 10000 + d.month * 100 + d.day
+
+    def cutover(self, new_business_date: int | None = None) -> int:
+        """日切: journal a cutover record; every command after it lands on the new business date
+        (the ledger assigns the date at commit, so each transaction is on exactly one side)."""
+        new = new_business_date or self.next_day(self.business_date)
+        if new <= self.business_date:
+            raise LedgerError(f"cutover to {new}: the business date is already {self.business_date}")
+        record = np.zeros(1, dtype=RECORD_DTYPE)
+        record["seq"] = self.journal.last_seq + 1
+        record["layout_version"] = RECORD_LAYOUT_VERSION
+        record["record_kind"] = KIND_CUTOVER
+        record["business_date"] = new
+        try:
+            self.journal.append(record, new)
+        except Exception as e:
+            self.failed = str(e)
+            raise
+        log.info("cutover (日切): business date %d → %d at sequence %d", self.business_date, new, self.journal.last_seq)
+        self.business_date = new
+        return new
 
     # ---- creation and recovery --------------------------------------------------------------
     @classmethod
@@ -142,6 +169,8 @@ class Node:
             if int(header["batch_no"]) <= after_batch_no:
                 continue
             records = np.frombuffer(payload, dtype=RECORD_DTYPE)
+            if (records["record_kind"] == KIND_CUTOVER).all():
+                continue                                   # a cutover changes no engine state
             results = self.engine.apply_batch(np.ascontiguousarray(records["request"]),
                                               business_date=int(header["business_date"]))
             if results.tobytes() != np.ascontiguousarray(records["result"]).tobytes():
@@ -150,11 +179,17 @@ class Node:
                                          f"answered differently from the journal (engine or configuration changed?)")
 
     # ---- the write path -----------------------------------------------------------------------
-    def apply_and_append(self, requests: np.ndarray, business_date: int) -> np.ndarray:
-        """Apply a batch and journal it; returns the results once they are durable.
-        A failed commit stops the node (fail-stop): restart it to recover from the journal."""
+    def apply_and_append(self, requests: np.ndarray, business_date: int | None = None) -> np.ndarray:
+        """Apply a batch and journal it under the node's business date (or a later one given);
+        returns the results once they are durable. A failed commit stops the node (fail-stop):
+        restart it to recover from the journal."""
         if self.failed:
             raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
+        business_date = business_date or self.business_date
+        if business_date < self.business_date:
+            raise LedgerError(f"business date {business_date} is before the node's {self.business_date} "
+                              f"(after a cutover, 日切, the old date is closed)")
+        self.business_date = business_date
         results = self.engine.apply_batch(requests, business_date=business_date)
         records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date)
         try:

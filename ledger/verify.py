@@ -10,7 +10,7 @@ from yikatong.engine import Engine, Cmd, ResFlag
 
 from .journal import CorruptLedgerError, Journal
 from .node import Node, NodeSettings, check_batch, load_checkpoint_arrays
-from .records import RECORD_DTYPE
+from .records import KIND_CUTOVER, RECORD_DTYPE
 
 
 class VerifyError(Exception):
@@ -56,6 +56,7 @@ def verify(data_dir: str) -> dict:
         batches = records_count = 0
         money_by_date: dict[int, int] = {}
         checked_checkpoints = 0
+        cutovers = 0
         for header, payload in journal.batches():
             first = int(header["first_seq"])
             if first != next_seq:
@@ -75,8 +76,14 @@ def verify(data_dir: str) -> dict:
                 raise VerifyError(first, f">= {last_date}", bd, "business date went backwards")
             if (records["business_date"] != bd).any():
                 raise VerifyError(first, bd, int(records["business_date"][0]), "record business date")
-            # every medical leg identity (total = fund + legs + cash) on approved settlements
             res = records["result"]
+            if (records["record_kind"] == KIND_CUTOVER).all():
+                cutovers += 1
+                prev_hash, next_seq, last_date = bytes(header["hash"]), int(header["last_seq"]) + 1, bd
+                batches += 1
+                records_count += records.shape[0]
+                continue
+            # every medical leg identity (total = fund + legs + cash) on approved settlements
             med = (res["cmd"] == Cmd.MED_SETTLE) & ((res["outcome_flags"] & ResFlag.POSTED) != 0)
             lhs = res["amount_fen"][med]
             rhs = (res["fund_fen"] + res["ins_leg_fen"] + res["aid_leg_fen"] + res["fin_leg_fen"] + res["cash_fen"])[med]
@@ -114,6 +121,6 @@ def verify(data_dir: str) -> dict:
             raise VerifyError(missing[0] if missing else next_seq, "a checkpoint at a batch end",
                               "a checkpoint past the journal or mid-batch", "checkpoint position")
         return {"batches": batches, "records": records_count, "checkpoints": checked_checkpoints,
-                "business_dates": len(money_by_date), "last_seq": next_seq - 1}
+                "business_dates": len(money_by_date), "last_seq": next_seq - 1, "cutovers": cutovers}
     finally:
         journal.close()

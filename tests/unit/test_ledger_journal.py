@@ -88,7 +88,7 @@ def test_idempotency_survives_restart(node_dir):
 def test_verify_ok_counts(node_dir):
     report = verify(node_dir)
     assert report == {"batches": 15, "records": 6000 + 100309 - 100000, "checkpoints": 3,
-                      "business_dates": 2, "last_seq": 6309}
+                      "business_dates": 2, "last_seq": 6309, "cutovers": 0}
 
 
 def flip_byte_in_file(path: str, needle: bytes, offset_in_needle: int):
