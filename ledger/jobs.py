@@ -141,3 +141,10 @@ def export_parquet(journal_table: pa.Table, dims: dict, out_dir: str, date_from:
         paths.append(os.path.join(out_dir, f"{name}.parquet"))
         pq.write_table(table, paths[-1])
     return paths
+
+
+def compare_details(con, business_date: int, counterpart_csv: str) -> pa.Table:
+    """对明细账 of one business date against a counterpart detail file; empty = balanced."""
+    return con.sql(open(os.path.join(SQL_DIR, "details_compare.sql")).read()
+                   .replace("${date}", str(int(business_date)))
+                   .replace("${file}", counterpart_csv.replace("'", "''"))).to_arrow_table()

@@ -11,6 +11,12 @@ def register(sub):
     t.add_argument("--to", dest="date_to", type=int, required=True)
     t.add_argument("--against", help="the counterpart's totals CSV: print the differing groups; exit 1 if any")
     t.set_defaults(func=run_totals)
+    d = sub.add_parser("details", help="对明细账 against a counterpart detail file for one business date")
+    d.add_argument("file")
+    d.add_argument("--data", required=True)
+    d.add_argument("--date", type=int, required=True)
+    d.add_argument("-o", "--out", help="differences CSV (default FILE.differences.csv)")
+    d.set_defaults(func=run_details)
     c = sub.add_parser("clearing", help="异地清算 matrix and net positions for a month")
     c.add_argument("--data", required=True)
     c.add_argument("--month", type=int, required=True, help="YYYYMM")
@@ -78,3 +84,20 @@ def run_export(args):
     for path in jobs.export_parquet(table, dims, args.out, args.date_from, args.date_to):
         print(path)
     return 0
+
+
+def run_details(args):
+    jobs, con, _, _ = _con(args)
+    differences = jobs.compare_details(con, args.date, args.file)
+    out = args.out or args.file + ".differences.csv"
+    import pyarrow.csv as pacsv
+    pacsv.write_csv(differences, out)
+    kinds = {}
+    for kind in differences.column("difference").to_pylist():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        print(f"balanced (对账平) on {args.date}")
+        return 0
+    print(f"NOT balanced (对账不平) on {args.date}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+          + f"; details in {out}")
+    return 1

@@ -118,3 +118,35 @@ def test_totals_against_counterpart_file_cli(tmp_path):
     bad = run("bad.csv")
     assert bad.returncode == 1 and "NOT balanced (对账不平): 1 group(s) differ" in bad.stdout
     assert "310,local,110000,5000000,5000000,3862000,3862001" in bad.stdout
+
+
+def test_detail_reconciliation_classifies_every_difference(tmp_path):
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 10, business_date=20261124, txn_retention_count=1 << 12)
+    try:
+        rows = []
+        for pan, stan in (("6214830000000017", 1), ("6214830000000025", 2), ("6214830000000033", 3), ("6214830000000082", 4)):
+            r = node.apply_and_append(medical(node.engine, KEYS, pan, "T0000003", 300000, 0, 0, 0, 300000,
+                                              med_type=11, stan=stan))[0]
+            rows.append((int(r["rrn"]), int(r["amount_fen"]), int(r["fund_fen"]), int(r["ins_leg_fen"] + r["aid_leg_fen"])))
+        records = node.journal.read()
+        con = jobs.connect(jobs.flatten(records), jobs.dimensions(node.engine.config, records))
+    finally:
+        node.close()
+    header = "setl_id,visit_id,person,total_fen,fund_fen,insurance_account_fen,refund_flag\n"
+    lines = [f"{rrn},V{rrn},p,{total},{fund},{ins},false\n" for rrn, total, fund, ins in rows]
+    balanced = tmp_path / "balanced.csv"
+    balanced.write_text(header + "".join(lines))
+    assert jobs.compare_details(con, 20261124, str(balanced)).num_rows == 0
+    rrn0, rrn1, rrn2, rrn3 = (r[0] for r in rows)
+    injected = (header
+                + lines[0].replace(f",{rows[0][2]},", f",{rows[0][2] + 1},")       # fund mismatch
+                + lines[1].replace(",false", ",true")                              # refund flag mismatch
+                # lines[2] missing: only in the ledger
+                + lines[3].replace(f"{rrn3},V{rrn3},p,{rows[3][1]}", f"{rrn3},V{rrn3},p,{rows[3][1] - 5}")  # total
+                + "999999,V9,p,100,0,100,false\n")                                # only in the file
+    path_bad = tmp_path / "injected.csv"
+    path_bad.write_text(injected)
+    got = [(r["setl_id"], r["difference"]) for r in jobs.compare_details(con, 20261124, str(path_bad)).to_pylist()]
+    assert got == [(rrn0, "mismatch_fund_fen"), (rrn1, "mismatch_refund_flag"), (rrn2, "only_in_ledger"),
+                   (rrn3, "mismatch_total_fen"), (999999, "only_in_file")]
