@@ -148,3 +148,7 @@ def compare_details(con, business_date: int, counterpart_csv: str) -> pa.Table:
     return con.sql(open(os.path.join(SQL_DIR, "details_compare.sql")).read()
                    .replace("${date}", str(int(business_date)))
                    .replace("${file}", counterpart_csv.replace("'", "''"))).to_arrow_table()
+
+
+def terminal_batches(con, business_date: int) -> pa.Table:
+    return run_sql(con, "terminal_batches", date=business_date)
