@@ -44,56 +44,44 @@ def _print(report, what):
         print(f"  {len(report.errors)} line(s) with errors written to {what}")
 
 
-def run_import(args):
-    from ..cardfiles import FileFormatError, import_issuance, write_errors
+def _run_file(args, title: str, process, output: str, write):
+    """Open the node, run one file job, close the node, write its output file, print counts."""
+    from ..cardfiles import FileFormatError
     node, keys, date = _open(args)
     try:
-        report = import_issuance(node, keys, open(args.file, "rb").read(), args.encoding, date)
+        report = process(node, keys, open(args.file, "rb").read(), args.encoding, date)
     except FileFormatError as e:
         print(f"error: {args.file}: {e}", file=sys.stderr)
-        return 2
+        return None
     finally:
         node.close()
-    errors = args.errors or args.file + ".errors.csv"
-    write_errors(errors, report.errors)
-    print(f"issuance import (制卡数据导入) of {args.file}:")
-    _print(report, errors)
-    return 0 if not report.errors else 1
+    write(output, report)
+    print(f"{title} of {args.file}:")
+    _print(report, output)
+    return report
+
+
+def run_import(args):
+    from ..cardfiles import import_issuance, write_errors
+    report = _run_file(args, "issuance import (制卡数据导入)", import_issuance,
+                       args.errors or args.file + ".errors.csv", lambda path, r: write_errors(path, r.errors))
+    return 2 if report is None else (1 if report.errors else 0)
 
 
 def run_disburse(args):
-    from ..cardfiles import FileFormatError, disburse, write_result_file
-    node, keys, date = _open(args)
-    try:
-        report = disburse(node, keys, open(args.file, "rb").read(), args.encoding, date)
-    except FileFormatError as e:
-        print(f"error: {args.file}: {e}", file=sys.stderr)
-        return 2
-    finally:
-        node.close()
-    result = args.result or args.file + ".result.csv"
-    write_result_file(result, report.rows)
-    print(f"disbursement (代发) of {args.file}; result file (回盘) {result}:")
-    _print(report, result)
-    return 0
+    from ..cardfiles import disburse, write_result_file
+    report = _run_file(args, "disbursement (代发) with its result file (回盘)", disburse,
+                       args.result or args.file + ".result.csv", lambda path, r: write_result_file(path, r.rows))
+    return 2 if report is None else 0
 
 
 def run_allocate(args):
-    from ..cardfiles import FileFormatError, allocate, write_errors
+    from ..cardfiles import allocate, write_errors
     amounts = {}
     for item in args.retired_fen:
         region, _, fen = item.partition("=")
         amounts[int(region)] = int(fen)
-    node, keys, date = _open(args)
-    try:
-        report = allocate(node, keys, open(args.file, "rb").read(), args.encoding, date, amounts)
-    except FileFormatError as e:
-        print(f"error: {args.file}: {e}", file=sys.stderr)
-        return 2
-    finally:
-        node.close()
-    errors = args.file + ".errors.csv"
-    write_errors(errors, report.errors)
-    print(f"allocation (个人账户划入) of {args.file}:")
-    _print(report, errors)
-    return 0 if not report.errors else 1
+    process = lambda node, keys, data, encoding, date: allocate(node, keys, data, encoding, date, amounts)
+    report = _run_file(args, "allocation (个人账户划入)", process, args.file + ".errors.csv",
+                       lambda path, r: write_errors(path, r.errors))
+    return 2 if report is None else (1 if report.errors else 0)

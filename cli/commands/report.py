@@ -13,15 +13,10 @@ def register(sub):
     b.set_defaults(func=run_batches)
 
 
-def _con(args):
-    from yikatong.ledger import jobs
-    records, config = jobs.open_journal(args.data)
-    return jobs, jobs.connect(jobs.flatten(records), jobs.dimensions(config, records))
-
-
 def run(args):
     from yikatong.ledger.report import render
-    _, con = _con(args)
+    from .jobs import _con
+    _, con, _, _ = _con(args)
     page = render(con, args.date)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(page)
@@ -30,7 +25,7 @@ def run(args):
 
 
 def run_batches(args):
-    from .jobs import _print
-    jobs, con = _con(args)
+    from .jobs import _con, _print
+    jobs, con, _, _ = _con(args)
     _print(jobs.terminal_batches(con, args.date))
     return 0
