@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/yikatong demo
 
 test: $(STAMP)
+	@tools/install-chromium.sh
 	$(PY) -m pytest -q tests bench --benchmark-disable -p no:cacheprovider
 
 # CI-sized benchmarks (small sizes), with the figures printed.

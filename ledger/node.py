@@ -1,517 +1,303 @@
-"""A node's ledger side: create/open a data directory, recover the engine (newest valid
-checkpoint + replay of the journal tail through the same apply), apply-and-append batches with
-group commit through the writer process, and take checkpoints off the commit path.
+"""A node's durable state: the configuration, the engine, the journal and the checkpoints in one
+data directory, and start-up recovery (newest valid checkpoint + replay of the tail through the
+same apply).
 
-    >>> node = Node.init("/tmp/n", demo_config(), card_capacity=1024)       # doctest: +SKIP
-    >>> results = node.apply_and_append(requests, business_date=20261124)    # durable on return
-    >>> node.close(); node = Node.open("/tmp/n")                             # same engine state
+    node = Node.init(DIR, config, genesis)          # a new node, its genesis journaled
+    results = node.apply_and_append(requests, business_date=20261124)   # durable on return
+    node.close(); node = Node.open(DIR)             # recovered: same arrays, same answers
 """
+import glob
+import hashlib
+import json
 import logging
 import os
-import subprocess
-import sys
 import threading
-import time
 
-import lmdb
 import msgspec
 import numpy as np
 
-from yikatong.engine import Engine, NodeConfig
+from yikatong.engine import Engine, RESULT_DTYPE
+from yikatong.engine.config import NodeConfig
 
-from . import checkpoint as ckpt
-from .records import RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
-from .store import (DATA_FILE, DATA_LAYOUT_VERSION, DB_CHECKPOINTS, DB_HEADERS, DB_JOURNAL,
-                    DB_META, GENESIS_DIGEST, HEADER_DIGESTED_BYTES, HEADER_SIZE_BYTES,
-                    LedgerCorrupt, LedgerError, LedgerStopped, NodeLock, batch_digest, key_u64,
-                    open_dbs, open_env)
-from .writer import ACK, KIND_APPEND, KIND_CKPT_META, KIND_CLOSE, MSG, PIPE_SIZE_BYTES, read_exact, write_all
+from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
+from .records import KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
 
 log = logging.getLogger("yikatong.ledger")
 
-HEADER_DTYPE = np.dtype([
-    ("batch_seq", "<u8"), ("first_seq", "<u8"), ("last_seq", "<u8"), ("business_date", "<u4"),
-    ("layout_version", "<u2"), ("record_size", "<u2"), ("prev_digest", "u1", (32,)),
-    ("digest", "u1", (32,)),
-])
-assert HEADER_DTYPE.itemsize == HEADER_SIZE_BYTES
 
-
-class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Ledger tunables (defaults here are the documented ones)."""
-    map_size_bytes: int = 1 << 36            # 64 GiB of address space; the file grows as used
-    max_dbs: int = 8                         # the ledger uses 4 sub-databases
-    checkpoint_every_records: int = 1_000_000
-    checkpoints_kept: int = 2                # older checkpoint files are deleted
-
-
-class NodeMeta(msgspec.Struct, forbid_unknown_fields=True):
-    """What a data directory says about itself (DB_META key b"node")."""
-    data_layout_version: int
-    record_layout_version: int
-    engine_config: NodeConfig
+class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """What a data directory was created with (node.json)."""
+    config: NodeConfig
     card_capacity: int
-    txn_retention_count: int
-    ledger: LedgerConfig
+    txn_retention_count: int = 1 << 20
+    checkpoint_every_records: int = 1_000_000
+    map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
 
 
-# ---- reading the journal (shared with verify and the jobs) ----------------------------------
-
-def read_headers(env, dbs) -> np.ndarray:
-    """Every batch header as a HEADER_DTYPE array (one join, no per-header Python objects kept)."""
-    with env.begin(buffers=True) as txn:
-        cur = txn.cursor(dbs[DB_HEADERS])
-        raw = b"".join(bytes(v) for v in cur.iternext(keys=False, values=True))
-    if len(raw) % HEADER_SIZE_BYTES:
-        raise LedgerCorrupt("batch header size", -1, f"multiple of {HEADER_SIZE_BYTES}", len(raw))
-    return np.frombuffer(raw, dtype=HEADER_DTYPE)
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def check_header_chain(headers: np.ndarray) -> None:
-    """Vectorised: contiguous batch and record sequences, linked digests, non-decreasing dates.
-    Raises LedgerCorrupt at the first broken point."""
-    n = headers.shape[0]
-    if n == 0:
-        return
-    too_new = np.flatnonzero(headers["layout_version"] > RECORD_LAYOUT_VERSION)
-    if too_new.size:
-        i = too_new[0]
-        raise LedgerError(f"batch {int(headers['batch_seq'][i])} has record layout version "
-                          f"{int(headers['layout_version'][i])}; this node reads up to "
-                          f"{RECORD_LAYOUT_VERSION}. Remedy: run a newer yikatong")
-    expected_bseq = np.arange(1, n + 1, dtype=np.uint64)
-    expected_first = np.concatenate(([np.uint64(1)], headers["last_seq"][:-1] + np.uint64(1)))
-    prev_expected = np.concatenate((np.zeros((1, 32), np.uint8), headers["digest"][:-1]))
-    checks = (
-        ("batch sequence", headers["batch_seq"], expected_bseq, headers["first_seq"]),
-        ("record sequence (first of batch)", headers["first_seq"], expected_first, headers["first_seq"]),
-    )
-    for what, found, expected, at in checks:
-        bad = np.flatnonzero(found != expected)
-        if bad.size:
-            i = bad[0]
-            raise LedgerCorrupt(what, int(at[i]), int(expected[i]), int(found[i]))
-    bad = np.flatnonzero(headers["last_seq"] < headers["first_seq"])
-    if bad.size:
-        i = bad[0]
-        raise LedgerCorrupt("batch last sequence", int(headers["first_seq"][i]),
-                            f"≥ {int(headers['first_seq'][i])}", int(headers["last_seq"][i]))
-    bad = np.flatnonzero((headers["prev_digest"] != prev_expected).any(axis=1))
-    if bad.size:
-        i = bad[0]
-        raise LedgerCorrupt("hash chain (prev_digest)", int(headers["first_seq"][i]),
-                            bytes(prev_expected[i]).hex(), bytes(headers["prev_digest"][i]).hex())
-    bad = np.flatnonzero(headers["business_date"][1:] < headers["business_date"][:-1])
-    if bad.size:
-        i = bad[0] + 1
-        raise LedgerCorrupt("business date order", int(headers["first_seq"][i]),
-                            f"≥ {int(headers['business_date'][i - 1])}", int(headers["business_date"][i]))
-
-
-def batch_records(txn, dbs, header, check_digest: bool = True) -> np.ndarray:
-    """The records of one batch as a read-only structured view, checked against its header."""
-    first, last = int(header["first_seq"]), int(header["last_seq"])
-    value = txn.get(key_u64(first), db=dbs[DB_JOURNAL])
-    count = last - first + 1
-    if value is None:
-        raise LedgerCorrupt("journal batch missing", first, f"{count} records", "no value")
-    if len(value) != count * RECORD_DTYPE.itemsize:
-        raise LedgerCorrupt("journal batch size (torn record)", first,
-                            f"{count * RECORD_DTYPE.itemsize} bytes", f"{len(value)} bytes")
-    if check_digest:
-        found = batch_digest(header.tobytes()[:HEADER_DIGESTED_BYTES], value)
-        if found != header["digest"].tobytes():
-            raise LedgerCorrupt("batch digest (BLAKE2b of header + records)", first,
-                                header["digest"].tobytes().hex(), found.hex(),
-                                "Remedy: restore the data directory from a replica or backup")
-    records = np.frombuffer(value, dtype=RECORD_DTYPE)
-    seqs = records["seq"]
-    if seqs[0] != first or seqs[-1] != last or (count > 1 and np.any(np.diff(seqs) != 1)):
-        bad = np.flatnonzero(seqs != np.arange(first, last + 1, dtype=np.uint64))[0]
-        raise LedgerCorrupt("record sequence", first + int(bad), first + int(bad), int(seqs[bad]))
-    if np.any(records["layout_version"] != RECORD_LAYOUT_VERSION):
-        bad = np.flatnonzero(records["layout_version"] != RECORD_LAYOUT_VERSION)[0]
-        raise LedgerCorrupt("record layout version", first + int(bad), RECORD_LAYOUT_VERSION,
-                            int(records["layout_version"][bad]))
-    return records
-
-
-def read_records(env, dbs, first: int, last: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Records first … last (inclusive) as one structured array: one memcpy per batch value."""
-    count = last - first + 1
-    out = np.empty(count, dtype=RECORD_DTYPE) if out is None else out[:count]
-    flat = out.view(np.uint8)
-    size = RECORD_DTYPE.itemsize
-    filled = 0
-    with env.begin(buffers=True) as txn:
-        cur = txn.cursor(dbs[DB_JOURNAL])
-        if not cur.set_range(key_u64(first)) or int.from_bytes(cur.key(), "big") > first:
-            if not cur.prev():           # `first` sits inside the batch before
-                raise LedgerError(f"sequence {first} is not in the journal")
-        while filled < count:
-            batch_first = int.from_bytes(cur.key(), "big")
-            value = cur.value()
-            skip = first + filled - batch_first
-            take = min(len(value) // size - skip, count - filled)
-            if skip < 0 or take <= 0:
-                raise LedgerError(f"sequence {first + filled} is not in the journal")
-            flat[filled * size:(filled + take) * size] = np.frombuffer(value, np.uint8, take * size, skip * size)
-            filled += take
-            if filled < count and not cur.next():
-                raise LedgerError(f"journal ends before sequence {first + filled}")
-    return out
-
-
-def replay_batch(engine: Engine, records: np.ndarray, business_date: int) -> None:
-    """Feed one batch's requests back through apply; results must equal the recorded ones."""
-    requests = np.ascontiguousarray(records["request"])
-    results = engine.apply_batch(requests, business_date=business_date)
-    recorded = np.ascontiguousarray(records["result"])
-    if results.tobytes() != recorded.tobytes():
-        bad = _first_diff(results, recorded)
-        raise LedgerCorrupt("replayed result", int(records["seq"][bad]),
-                            f"code {int(recorded['code'][bad]):#06x} rrn {int(recorded['rrn'][bad])}",
-                            f"code {int(results['code'][bad]):#06x} rrn {int(results['rrn'][bad])}",
-                            "The engine is not deterministic or the journal was altered")
-
-
-def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
-    rows_a = a.view(np.uint8).reshape(a.shape[0], -1)
-    rows_b = b.view(np.uint8).reshape(b.shape[0], -1)
-    return int(np.flatnonzero((rows_a != rows_b).any(axis=1))[0])
-
-
-# ---- the node --------------------------------------------------------------------------------
-
-def _check_dir(data_dir: str, must_hold_ledger: bool) -> str:
-    path = os.path.abspath(data_dir)
-    if not os.path.isdir(path):
-        raise LedgerError(f"data directory {path} does not exist or is not a directory. Remedy: "
-                          f"check --data, or create a node with `yikatong init --demo {path}`")
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise LedgerError(f"data directory {path} is not readable and writable by this user. "
-                          f"Remedy: fix its permissions (chown/chmod)")
-    has = os.path.exists(os.path.join(path, DATA_FILE))
-    if must_hold_ledger and not has:
-        raise LedgerError(f"{path} holds no ledger ({DATA_FILE} missing); refusing to start an "
-                          f"empty one here. Remedy: check --data, or `yikatong init` this directory")
-    if not must_hold_ledger and has:
-        raise LedgerError(f"{path} already holds a ledger. Remedy: open it, or init another directory")
-    return path
+def _write_durably(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
 
 
 class Node:
-    """Engine + journal of one node. Not thread-safe: one thread calls apply/append."""
+    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine):
+        self.data_dir = data_dir
+        self.settings = settings
+        self.journal = journal
+        self.engine = engine
+        self.checkpoint_seq = 0
+        self.failed = None
+        self.business_date = journal.last_business_date
+        self._checkpoint_thread = None
+        # Commits go to the writer process from here on (DESIGN.md §4: not a thread, the GIL).
+        journal.start_writer()
 
-    def __init__(self):
-        raise TypeError("use Node.init(...) or Node.open(...)")
+    @staticmethod
+    def next_day(yyyymmdd: int) -> int:
+        import datetime
+        d = datetime.date(yyyymmdd // 10000, yyyymmdd // 100 % 100, yyyymmdd % 100) + datetime.timedelta(days=1)
+        return d.year * 10000 + d.month * 100 + d.day
 
-    # ---- creating and opening --------------------------------------------------------------
-    @classmethod
-    def init(cls, data_dir: str, engine_config: NodeConfig, card_capacity: int = 1024,
-             txn_retention_count: int = 1 << 20, ledger_config: LedgerConfig | None = None) -> "Node":
-        """Create a new, empty ledger in `data_dir` (created if absent; must not hold one)."""
-        if not os.path.exists(data_dir):
-            parent = os.path.dirname(os.path.abspath(data_dir))
-            if not os.path.isdir(parent):
-                raise LedgerError(f"parent directory {parent} does not exist. Remedy: create it first")
-            os.mkdir(data_dir)
-        path = _check_dir(data_dir, must_hold_ledger=False)
-        ledger_config = ledger_config or LedgerConfig()
-        lock = NodeLock(path)
+    def cutover(self, new_business_date: int | None = None) -> int:
+        """日切: journal a cutover record; every command after it lands on the new business date
+        (the ledger assigns the date at commit, so each transaction is on exactly one side)."""
+        new = new_business_date or self.next_day(self.business_date)
+        if new <= self.business_date:
+            raise LedgerError(f"cutover to {new}: the business date is already {self.business_date}")
+        record = np.zeros(1, dtype=RECORD_DTYPE)
+        record["seq"] = self.journal.last_seq + 1
+        record["layout_version"] = RECORD_LAYOUT_VERSION
+        record["record_kind"] = KIND_CUTOVER
+        record["business_date"] = new
         try:
-            env = open_env(path, ledger_config.map_size_bytes, ledger_config.max_dbs)
-            dbs = open_dbs(env, create=True)
-            meta = NodeMeta(DATA_LAYOUT_VERSION, RECORD_LAYOUT_VERSION, engine_config, card_capacity,
-                            txn_retention_count, ledger_config)
-            with env.begin(write=True) as txn:
-                if not txn.put(b"node", msgspec.json.encode(meta), db=dbs[DB_META]):
-                    raise LedgerError("node metadata put refused")
-            env.close()
-        except BaseException:
-            lock.release()
+            self.journal.append(record, new)
+        except Exception as e:
+            self.failed = str(e)
             raise
-        lock.release()
-        return cls.open(path)
+        log.info("cutover (日切): business date %d → %d at sequence %d", self.business_date, new, self.journal.last_seq)
+        self.business_date = new
+        return new
+
+    # ---- creation and recovery --------------------------------------------------------------
+    @classmethod
+    def init(cls, data_dir: str, settings: NodeSettings, genesis, business_date: int) -> "Node":
+        """Create a node in an empty (or missing) directory and journal its genesis batches."""
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            raise LedgerError(f"{data_dir} is not empty: a new node needs an empty data directory")
+        os.makedirs(data_dir, exist_ok=True)
+        _write_durably(os.path.join(data_dir, "node.json"), msgspec.json.encode(settings))
+        journal = Journal(data_dir, create=True, map_size_bytes=settings.map_size_bytes)
+        engine = Engine(settings.config, card_capacity=settings.card_capacity,
+                        txn_retention_count=settings.txn_retention_count)
+        node = cls(data_dir, settings, journal, engine)
+        for batch in genesis:
+            results = node.apply_and_append(batch, business_date)
+            refused = results["code"] != 0x3030
+            if refused.any():
+                raise LedgerError(f"genesis: {int(refused.sum())} command(s) refused")
+        return node
 
     @classmethod
-    def open(cls, data_dir: str, map_size_bytes: int | None = None,
-             lock_wait: bool = False, checkpoint_every_records: int | None = None) -> "Node":
-        """Open an existing node and recover its engine: newest valid checkpoint + tail replay."""
-        self = object.__new__(cls)
-        self.data_dir = path = _check_dir(data_dir, must_hold_ledger=True)
-        self._lock = NodeLock(path, wait=lock_wait)
-        self._writer = None
-        self.env = None
+    def open(cls, data_dir: str) -> "Node":
+        """Recover a node: the newest checkpoint, verified, then the journal's tail replayed
+        through the same apply; every replayed result must equal the recorded one."""
+        path = os.path.join(os.path.abspath(data_dir), "node.json")
+        if not os.path.isdir(data_dir):
+            raise LedgerError(f"data directory {data_dir} does not exist: give the node's data directory, "
+                              f"or create one with `yikatong init --data DIR`")
+        if not os.path.exists(path):
+            raise LedgerError(f"{data_dir} holds no node (no node.json): refusing to start an empty node "
+                              f"there; create one with `yikatong init --data DIR`")
         try:
-            self._open(map_size_bytes, checkpoint_every_records)
+            settings = msgspec.json.decode(open(path, "rb").read(), type=NodeSettings)
+        except msgspec.ValidationError as e:
+            raise LedgerError(f"{path}: {e}") from None
+        journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes)
+        try:
+            engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal)
+            node = cls(data_dir, settings, journal, engine)
+            node.checkpoint_seq = seq
+            node._replay_tail(batch_no, chain_hash)
         except BaseException:
-            self._abandon()
+            journal.close()
             raise
-        return self
+        return node
 
-    def _open(self, map_size_bytes, checkpoint_every_records):
-        t0 = time.perf_counter()
-        probe = open_env(self.data_dir, map_size_bytes or (1 << 20), 8)
-        try:
-            dbs = open_dbs(probe, create=False)
-            with probe.begin() as txn:
-                raw = txn.get(b"node", db=dbs[DB_META])
-        finally:
-            probe.close()
-        if raw is None:
-            raise LedgerError(f"{self.data_dir}: node metadata missing. Remedy: restore from backup")
-        version = msgspec.json.decode(raw).get("data_layout_version", 0)
-        if version > DATA_LAYOUT_VERSION:
-            raise LedgerError(f"{self.data_dir} was written with data layout version {version}; this "
-                              f"yikatong reads up to version {DATA_LAYOUT_VERSION}. Refusing to open it. "
-                              f"Remedy: run the newer yikatong that wrote it")
-        meta = msgspec.json.decode(raw, type=NodeMeta)
-        if map_size_bytes:
-            meta.ledger.map_size_bytes = map_size_bytes
-        if checkpoint_every_records:
-            meta.ledger.checkpoint_every_records = checkpoint_every_records
-        self.meta = meta
-        self.env = open_env(self.data_dir, meta.ledger.map_size_bytes, meta.ledger.max_dbs)
-        self.dbs = open_dbs(self.env, create=False)
-        if map_size_bytes or checkpoint_every_records:     # keep the operator's new values
-            with self.env.begin(write=True) as txn:
-                txn.put(b"node", msgspec.json.encode(meta), db=self.dbs[DB_META])
-        self.engine, self.recovered_from_seq, replayed = recover(self.data_dir, self.env, self.dbs, meta)
-        headers = self._headers_tail()
-        self.batch_seq = int(headers["batch_seq"]) if headers is not None else 0
-        self.last_seq = int(headers["last_seq"]) if headers is not None else 0
-        self.business_date = int(headers["business_date"]) if headers is not None else 0
-        self.acked_batch_seq = self.batch_seq
-        self.records_since_checkpoint = self.last_seq - self.recovered_from_seq
-        self.stopped: str | None = None
-        self._checkpoint_thread: threading.Thread | None = None
-        self._checkpoint_error: BaseException | None = None
-        self._pipe_lock = threading.Lock()
-        self._start_writer()
-        self.acked_batch_seq = self.batch_seq      # the ready handshake acknowledged "batch 0"
-        log.info("ledger %s open: %d records in %d batches, recovered from checkpoint at %d + "
-                 "%d replayed records in %.3f s", self.data_dir, self.last_seq, self.batch_seq,
-                 self.recovered_from_seq, replayed, time.perf_counter() - t0)
+    @staticmethod
+    def _checkpoints(data_dir: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(data_dir, "checkpoints", "ckpt-*.json")))
 
-    def _headers_tail(self):
-        with self.env.begin() as txn:
-            cur = txn.cursor(self.dbs[DB_HEADERS])
-            if not cur.last():
-                return None
-            return np.frombuffer(cur.value(), dtype=HEADER_DTYPE)[0]
+    @classmethod
+    def _load_checkpoint(cls, data_dir, settings, journal):
+        metas = cls._checkpoints(data_dir)
+        if not metas:
+            engine = Engine(settings.config, card_capacity=settings.card_capacity,
+                            txn_retention_count=settings.txn_retention_count)
+            return engine, 0, 0, bytes(32)
+        meta_path = metas[-1]
+        meta = json.load(open(meta_path))
+        arrays, digest = load_checkpoint_arrays(meta_path)
+        if digest != meta["file_blake2b"]:
+            raise CorruptLedgerError(f"checkpoint {meta['file']}: content hash {digest[:16]}…, expected "
+                                     f"{meta['file_blake2b'][:16]}… (torn or altered). Remedy: move it (and its "
+                                     f".json) out of checkpoints/; the node then recovers from an older one")
+        headers = journal.headers()
+        batch_no = int(meta["batch_no"])
+        if batch_no > headers.shape[0] or bytes(headers[batch_no - 1]["hash"]).hex() != meta["chain_hash"]:
+            raise CorruptLedgerError(f"checkpoint {meta['file']} is at batch {batch_no} whose journal hash does "
+                                     f"not match: it does not belong to this journal")
+        return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, bytes.fromhex(meta["chain_hash"])
 
-    def _start_writer(self):
-        self._writer = subprocess.Popen(
-            [sys.executable, "-m", "yikatong.ledger.writer", self.data_dir,
-             str(self.meta.ledger.map_size_bytes), str(self.meta.ledger.max_dbs), str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._lock.fd,), bufsize=0)
-        self._fd_out, self._fd_in = self._writer.stdin.fileno(), self._writer.stdout.fileno()
-        try:
-            import fcntl
-            fcntl.fcntl(self._fd_out, 1031, PIPE_SIZE_BYTES)       # F_SETPIPE_SZ
-        except OSError:
-            pass                                                    # default 64 KiB still works
-        self._read_ack(0)
+    def _replay_tail(self, after_batch_no: int, checkpoint_hash: bytes):
+        """Check the whole hash chain (hashing only: ~1 GB/s), replay the batches after the
+        checkpoint. Torn or altered bytes anywhere stop the start-up with the batch named."""
+        chain_hash = bytes(32)
+        for header, payload in self.journal.batches():
+            check_batch(header, payload, chain_hash)
+            chain_hash = bytes(header["hash"])
+            if int(header["batch_no"]) == after_batch_no and chain_hash != checkpoint_hash:
+                raise CorruptLedgerError(f"the checkpoint at batch {after_batch_no} does not match the journal")
+            if int(header["batch_no"]) <= after_batch_no:
+                continue
+            records = np.frombuffer(payload, dtype=RECORD_DTYPE)
+            if (records["record_kind"] == KIND_CUTOVER).all():
+                continue                                   # a cutover changes no engine state
+            results = self.engine.apply_batch(np.ascontiguousarray(records["request"]),
+                                              business_date=int(header["business_date"]))
+            if results.tobytes() != np.ascontiguousarray(records["result"]).tobytes():
+                bad = int(np.flatnonzero(results != records["result"])[0])
+                raise CorruptLedgerError(f"replay diverged at sequence {int(records['seq'][bad])}: the engine "
+                                         f"answered differently from the journal (engine or configuration changed?)")
 
-    # ---- the hot path ------------------------------------------------------------------------
-    def submit(self, requests: np.ndarray, business_date: int) -> tuple[int, np.ndarray]:
-        """Apply a batch in memory and hand its records to the writer; return (ticket, results).
-        The results may be answered only after `wait_durable(ticket)` returned."""
-        if self.stopped:
-            raise LedgerStopped(f"node stopped: {self.stopped}")
+    # ---- the write path -----------------------------------------------------------------------
+    def submit(self, requests: np.ndarray, business_date: int | None = None) -> tuple[int, np.ndarray]:
+        """Apply a batch in memory and hand its records to the writer process; return
+        (ticket, results). The results may leave only after `wait_durable(ticket)` returned —
+        meanwhile the caller may apply the next batch (pipelining, DESIGN.md §5)."""
+        if self.failed:
+            raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
+        business_date = business_date or self.business_date
         if business_date < self.business_date:
-            raise ValueError(f"business_date {business_date} is before the ledger's "
-                             f"{self.business_date}: business dates never decrease (日切 only moves forward)")
-        if requests.shape[0] == 0:
-            return self.batch_seq, requests[:0]
-        results = self.engine.apply_batch(requests, business_date=business_date)
-        records = records_from_batch(requests, results, self.last_seq + 1, business_date)
-        return self._append_records(records, business_date), results
-
-    def _append_records(self, records: np.ndarray, business_date: int) -> int:
-        """Hand already-built records (seq from last_seq + 1) to the writer; return the ticket.
-        Used by submit, and by the benchmarks to time the journal without the engine."""
-        first, count = self.last_seq + 1, records.shape[0]
-        assert records.dtype == RECORD_DTYPE and int(records["seq"][0]) == first, "records out of sequence"
-        self.batch_seq += 1
-        self.last_seq += count
+            raise LedgerError(f"business date {business_date} is before the node's {self.business_date} "
+                              f"(after a cutover, 日切, the old date is closed)")
         self.business_date = business_date
-        self.records_since_checkpoint += count
-        self._send(MSG.pack(KIND_APPEND, business_date, self.batch_seq, first, count), records)
-        return self.batch_seq
+        results = self.engine.apply_batch(requests, business_date=business_date)
+        records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date)
+        try:
+            return self.journal.submit(records, business_date), results
+        except Exception as e:
+            self.failed = str(e)
+            raise
 
     def wait_durable(self, ticket: int) -> None:
-        """Block until batch `ticket` is committed (fsync'd). Raises LedgerStopped on failure."""
-        self._wait_acks(ticket)
-        if (self.acked_batch_seq == self.batch_seq
-                and self.records_since_checkpoint >= self.meta.ledger.checkpoint_every_records):
-            self.checkpoint(wait=False)
+        """Return once batch `ticket` is committed; a failed commit stops the node (fail-stop)."""
+        try:
+            self.journal.wait_durable(ticket)
+        except Exception as e:
+            self.failed = str(e)
+            raise
+        if (ticket == self.journal.last_batch_no
+                and self.journal.last_seq - self.checkpoint_seq >= self.settings.checkpoint_every_records):
+            self.checkpoint(background=True)
 
-    def _wait_acks(self, ticket: int) -> None:
-        while self.acked_batch_seq < ticket:
-            self._read_ack(self.acked_batch_seq + 1)
-
-    def apply_and_append(self, requests: np.ndarray, business_date: int) -> np.ndarray:
-        """Apply and journal one batch; return its results once they are durable."""
+    def apply_and_append(self, requests: np.ndarray, business_date: int | None = None) -> np.ndarray:
+        """Apply a batch and journal it under the node's business date (or a later one given);
+        returns the results once they are durable. A failed commit stops the node (fail-stop):
+        restart it to recover from the journal."""
         ticket, results = self.submit(requests, business_date)
         self.wait_durable(ticket)
         return results
 
-    def _send(self, head: bytes, payload) -> None:
-        try:
-            with self._pipe_lock:
-                write_all(self._fd_out, head)
-                if payload is not None:
-                    write_all(self._fd_out, payload.view(np.uint8) if isinstance(payload, np.ndarray) else payload)
-        except (BrokenPipeError, OSError):
-            self._fail(f"the writer process is gone (exit code {self._writer.poll()})")
+    def checkpoint(self, background: bool = False) -> str:
+        """Save the engine's arrays at the last committed sequence: write, fsync, rename.
 
-    def _read_ack(self, expected: int) -> None:
-        try:
-            head = read_exact(self._fd_in, ACK.size)
-        except (EOFError, OSError):
-            head = None
-        if head is None:
-            self._writer.wait(timeout=10)
-            self._fail(f"the writer process exited (code {self._writer.returncode}) before "
-                       f"acknowledging batch {expected}")
-        bseq, status, length = ACK.unpack(head)
-        message = read_exact(self._fd_in, length).decode() if length else ""
-        if status:
-            self._fail(message)
-        assert bseq == expected, (bseq, expected)
-        self.acked_batch_seq = bseq
-
-    def _fail(self, why: str):
-        self.stopped = why
-        log.error("ledger stopped (fail-stop): %s", why)
-        raise LedgerStopped(f"node stopped, nothing after batch {self.acked_batch_seq} is "
-                            f"acknowledged: {why}")
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def checkpoint(self, wait: bool = True) -> int:
-        """Snapshot the engine's arrays at the last durable sequence. The copy is taken here
-        (between batches); the file is written on a background thread, so commits go on."""
-        if self.stopped:
-            raise LedgerStopped(f"node stopped: {self.stopped}")
-        self.wait_durable_all()
+        The arrays are copied here, between batches (a memcpy); with `background=True` the
+        file is written by a thread while batches go on committing in the writer process, so a
+        checkpoint never stalls commits. Returns the .npz path."""
+        self.journal.wait_durable(self.journal.last_batch_no)
         if self._checkpoint_thread is not None:
-            if not wait and self._checkpoint_thread.is_alive():
-                return -1                                  # one at a time; try after the next batch
+            # one at a time; the previous started ≥ checkpoint_every_records ago, so this wait
+            # is rare and holds the caller only, never a commit in the writer process
             self._checkpoint_thread.join()
-        seq, bseq = self.last_seq, self.batch_seq
-        if seq == 0:
-            return 0
-        header = self._headers_tail()
+        seq, batch_no, chain_hash = self.journal.last_seq, self.journal.last_batch_no, self.journal.last_hash
         arrays = {name: a.copy() for name, a in self.engine.arrays.items()}
-        self.records_since_checkpoint = 0
-
-        def write():
-            try:
-                path, digest = ckpt.write_checkpoint(self.data_dir, arrays, seq, bseq, header["digest"].tobytes())
-                meta = msgspec.json.encode({"seq": seq, "batch_seq": bseq, "file": os.path.basename(path),
-                                            "blake2b": digest})
-                if not self.stopped:
-                    self._send(MSG.pack(KIND_CKPT_META, len(meta), seq, 0, 0), meta)
-                for old_seq, old in ckpt.list_checkpoints(self.data_dir)[self.meta.ledger.checkpoints_kept:]:
-                    os.unlink(old)
-                log.info("checkpoint at sequence %d written: %s", seq, path)
-            except BaseException as e:  # noqa: BLE001 — reported by the next checkpoint/close
-                self._checkpoint_error = e
-                log.error("checkpoint at sequence %d failed: %s", seq, e)
-
-        self._checkpoint_thread = threading.Thread(target=write, name="checkpoint", daemon=True)
+        self.checkpoint_seq = seq
+        folder = os.path.join(self.data_dir, "checkpoints")
+        npz = os.path.join(folder, f"ckpt-{seq:020d}.npz")
+        if not background:
+            return _write_checkpoint(folder, arrays, seq, batch_no, chain_hash)
+        self._checkpoint_thread = threading.Thread(
+            target=_write_checkpoint, args=(folder, arrays, seq, batch_no, chain_hash),
+            name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
-        if wait:
+        return npz
+
+    def close(self):
+        if self._checkpoint_thread is not None:
             self._checkpoint_thread.join()
-            if self._checkpoint_error:
-                raise self._checkpoint_error
-        return seq
-
-    def wait_durable_all(self) -> None:
-        self._wait_acks(self.batch_seq)
-
-    # ---- reading -----------------------------------------------------------------------------
-    def read(self, first: int, last: int) -> np.ndarray:
-        """Records first … last (inclusive) as a RECORD_DTYPE array."""
-        return read_records(self.env, self.dbs, first, last)
-
-    # ---- closing -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Finish in-flight batches and the checkpoint, stop the writer, release the lock."""
-        try:
-            if not self.stopped and self._writer is not None:
-                self.wait_durable_all()
-            if self._checkpoint_thread is not None:
-                self._checkpoint_thread.join()
-            if self._writer is not None and self._writer.poll() is None:
-                try:
-                    self._send(MSG.pack(KIND_CLOSE, 0, 0, 0, 0), None)
-                except LedgerStopped:
-                    pass
-        finally:
-            self._abandon()
-
-    def _abandon(self):
-        if self._writer is not None:
-            try:
-                self._writer.stdin.close()
-            except OSError:
-                pass
-            try:
-                self._writer.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._writer.kill()
-                self._writer.wait()
-            self._writer.stdout.close()
-            self._writer = None
-        if self.env is not None:
-            self.env.close()
-            self.env = None
-        self._lock.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.journal.close()
 
 
-def new_engine(meta: NodeMeta) -> Engine:
-    return Engine(meta.engine_config, card_capacity=meta.card_capacity,
-                  txn_retention_count=meta.txn_retention_count)
+def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes) -> str:
+    """The checkpoint file and, last, its .json (a checkpoint without it is ignored)."""
+    os.makedirs(folder, exist_ok=True)
+    name = f"ckpt-{seq:020d}"
+    npz = os.path.join(folder, name + ".npz")
+    with open(npz + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(npz + ".tmp", npz)
+    digest = file_blake2b(npz)
+    meta = {"file": name + ".npz", "seq": seq, "batch_no": batch_no,
+            "chain_hash": chain_hash.hex(), "file_blake2b": digest}
+    _write_durably(os.path.join(folder, name + ".json"), json.dumps(meta).encode())
+    log.info("checkpoint at sequence %d (batch %d): %s", seq, batch_no, npz)
+    return npz
 
 
-def recover(data_dir: str, env, dbs, meta: NodeMeta) -> tuple[Engine, int, int]:
-    """(engine, checkpoint seq, replayed record count): the newest checkpoint that is not newer
-    than the journal, checked byte for byte and against the journal's header digest, then every
-    later batch replayed with its digest and results checked. Any mismatch raises: a damaged
-    file is never silently used or skipped."""
-    headers = read_headers(env, dbs)
-    check_header_chain(headers)
-    last_seq = int(headers["last_seq"][-1]) if headers.size else 0
-    engine, from_seq, from_batch = None, 0, 0
-    for seq, path in ckpt.list_checkpoints(data_dir):
-        head, arrays = ckpt.read_checkpoint(path)             # raises on a bad checksum
-        if head.seq != seq or head.seq > last_seq:
-            raise LedgerCorrupt(f"checkpoint {path} sequence", seq, f"≤ journal end {last_seq}", head.seq,
-                                f"Remedy: move {os.path.basename(path)} out of the checkpoints directory")
-        h = headers[head.batch_seq - 1] if 0 < head.batch_seq <= headers.size else None
-        if h is None or int(h["last_seq"]) != head.seq or h["digest"].tobytes().hex() != head.header_digest:
-            raise LedgerCorrupt(f"checkpoint {path} journal link", seq,
-                                "the digest of the journal batch ending here",
-                                head.header_digest, f"Remedy: move {os.path.basename(path)} out "
-                                f"of the checkpoints directory (it belongs to another ledger)")
-        engine = Engine(meta.engine_config, arrays=arrays)
-        from_seq, from_batch = head.seq, head.batch_seq
-        break
-    if engine is None:
-        engine = new_engine(meta)
-    replayed = 0
-    with env.begin(buffers=True) as txn:
-        for i in range(from_batch, headers.shape[0]):
-            records = batch_records(txn, dbs, headers[i])
-            replay_batch(engine, records, int(headers["business_date"][i]))
-            replayed += records.shape[0]
-    return engine, from_seq, replayed
+def file_blake2b(path: str) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint_arrays(meta_path: str) -> tuple[dict, str]:
+    meta = json.load(open(meta_path))
+    npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    digest = file_blake2b(npz)
+    if digest != meta["file_blake2b"]:
+        return {}, digest
+    with np.load(npz) as data:
+        return {name: data[name].copy() for name in data.files}, digest
+
+
+def check_batch(header, payload: bytes, prev_hash: bytes):
+    """The batch's bytes hash to its header, and the header chains to the previous one."""
+    batch_no = int(header["batch_no"])
+    if bytes(header["prev_hash"]) != prev_hash:
+        raise CorruptLedgerError(f"batch {batch_no}: previous hash {bytes(header['prev_hash']).hex()[:16]}…, "
+                                 f"expected {prev_hash.hex()[:16]}… (hash chain broken)")
+    if len(payload) != int(header["record_count"]) * RECORD_DTYPE.itemsize:
+        raise CorruptLedgerError(f"batch {batch_no}: {len(payload)} bytes of records, expected "
+                                 f"{int(header['record_count']) * RECORD_DTYPE.itemsize} (torn)")
+    found = batch_hash(prev_hash, payload)
+    if found != bytes(header["hash"]):
+        raise CorruptLedgerError(f"batch {batch_no} (sequence {int(header['first_seq'])}…{int(header['last_seq'])}): "
+                                 f"records hash {found.hex()[:16]}…, header says {bytes(header['hash']).hex()[:16]}… "
+                                 f"(records altered)")

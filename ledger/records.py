@@ -56,4 +56,6 @@ def sanitize_requests(requests: np.ndarray, results: np.ndarray) -> None:
     # cases, and there a locked PIN answers 75 without counting, so "wrong" replays exactly.
     flags = np.where(given & (outcome != 1), flags | ReqFlag.PIN_REPLAY_BAD, flags)
     requests["flags"] = flags
-    requests["pin_pvv"] = np.where(requests["cmd"] == 32, requests["pin_pvv"], 0)   # ISSUE: bank PVV is state
+    # ISSUE (32) and REPLACE (38) carry the new card's bank PVV: that is state, not a PIN attempt
+    keeps = (requests["cmd"] == 32) | (requests["cmd"] == 38)
+    requests["pin_pvv"] = np.where(keeps, requests["pin_pvv"], 0)

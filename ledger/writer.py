@@ -1,23 +1,26 @@
-"""The writer process: the one owner of every write transaction on a node's journal.
+"""The writer process: the one owner of every write transaction on a node's journal once the
+node runs (Journal.start_writer).
 
 Why a process (DESIGN.md §4, measured pitfall): a writer *thread* beside the busy apply loop
 waits for the GIL after each fsync (0.47 ms alone → 5.7 ms median beside a busy loop). A
-process has its own GIL, so commit latency does not depend on what the node is doing. The node
-sends each batch's record bytes through a pipe (one copy, ~GB/s) and reads acknowledgements
-back; the hash chain is computed here, off the node's main thread.
+process has its own GIL, so commit latency does not depend on what the node's main thread is
+doing, and the node can apply batch N+1 while batch N is fsyncing (Journal.submit /
+Journal.wait_durable). The node sends each batch's record bytes through a pipe (one copy); the
+BLAKE2b of the hash chain is computed here, off the node's main thread.
 
 Protocol (little-endian), node → writer:
-    APPEND  : u32 kind=1, u32 business_date, u64 batch_seq, u64 first_seq, u64 count, records
-    CKPTMETA: u32 kind=2, u32 length, u64 seq, u64 0, u64 0, JSON bytes (no acknowledgement)
-    CLOSE   : u32 kind=3, zeros
-writer → node: u64 batch_seq, u32 status (0 ok, 1 failed), u32 length, message (UTF-8).
-Batch 0 is the ready handshake after start-up. After a failed commit the writer reports and
-exits: nothing after a failed batch is ever committed (fail-stop).
+    APPEND: u32 kind=1, u32 business_date, u64 batch_no, u64 first_seq, u64 count, records
+    CLOSE : u32 kind=3, zeros
+writer → node: u64 batch_no, u32 status (0 ok, 1 failed), u32 length, then 32-byte hash (ok)
+or a UTF-8 message (failed). Batch 0 is the ready handshake. After a failed commit the writer
+reports and exits: nothing after a failed batch is ever committed (fail-stop).
 
-Run as `python -m yikatong.ledger.writer DATA_DIR MAP_SIZE_BYTES MAX_DBS`; stdin/stdout are
-the pipes; it dies with its parent (PR_SET_PDEATHSIG), which LMDB's crash safety allows.
+Run as `python -m yikatong.ledger.writer JOURNAL_PATH MAP_SIZE_BYTES PARENT_PID`; stdin/stdout
+are the pipes. It dies with its parent (PR_SET_PDEATHSIG), which LMDB's crash safety allows, and
+it inherits the node's flock so a new node cannot open the directory while it might commit.
 """
 import ctypes
+import hashlib
 import os
 import queue
 import signal
@@ -27,14 +30,13 @@ import threading
 
 import lmdb
 
-from .records_layout import RECORD_SIZE_BYTES
-from .store import (DB_CHECKPOINTS, DB_HEADERS, DB_JOURNAL, GENESIS_DIGEST, HEADER_STRUCT,
-                    key_u64, last_header, open_dbs, open_env, pack_header)
-
 MSG = struct.Struct("<IIQQQ")
 ACK = struct.Struct("<QII")
-KIND_APPEND, KIND_CKPT_META, KIND_CLOSE = 1, 2, 3
-PIPE_SIZE_BYTES = 1 << 20            # ask the kernel for a 1 MiB pipe (Linux pipe-max-size)
+HEADER = struct.Struct("<QQQII32s32s")   # mirrors journal.HEADER_DTYPE (asserted there)
+KIND_APPEND, KIND_CLOSE = 1, 3
+RECORD_SIZE_BYTES = 304                  # records.RECORD_DTYPE.itemsize (asserted in journal.py)
+PIPE_SIZE_BYTES = 1 << 20                # Linux pipe-max-size default: fewer wake-ups per batch
+INBOX_BATCHES_MAX = 64                   # bounded: a slow disk pushes back on the node
 
 
 def read_exact(fd: int, n: int) -> bytes | None:
@@ -54,32 +56,24 @@ def read_exact(fd: int, n: int) -> bytes | None:
 def write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        view = view[os.write(fd, view):]
 
 
-def _die_with_parent():
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def serve(data_dir: str, map_size_bytes: int, max_dbs: int, fd_in: int, fd_out: int) -> int:
-    env = open_env(data_dir, map_size_bytes, max_dbs)
-    dbs = open_dbs(env, create=False)
+def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> int:
+    from .journal import open_env          # the same flags as the node's own handle
+    env = open_env(journal_path, map_size_bytes, readonly=False)
+    journal_db, headers_db = env.open_db(b"journal", create=False), env.open_db(b"headers", create=False)
     with env.begin() as txn:
-        h = last_header(txn, dbs[DB_HEADERS])
-    if h is None:
-        batch_seq, last_seq, business_date, prev = 0, 0, 0, GENESIS_DIGEST
-    else:
-        batch_seq, _, last_seq, business_date, _, _, _, prev = h
-    write_all(fd_out, ACK.pack(0, 0, 0))          # ready
+        cur = txn.cursor(db=headers_db)
+        if cur.last():
+            batch_no, _, last_seq, business_date, _, _, prev = HEADER.unpack(cur.value())
+        else:
+            batch_no, last_seq, business_date, prev = 0, 0, 0, bytes(32)
+    write_all(fd_out, ACK.pack(0, 0, 32) + prev)            # ready
 
     # A reader thread drains the pipe while the main thread is inside a commit, so the node's
-    # send of batch N+1 does not block on batch N's fsync (pipelining, DESIGN.md §5).
-    inbox: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure on the node
+    # send of batch N+1 does not wait for batch N's fsync (pipelining, DESIGN.md §5).
+    inbox: queue.Queue = queue.Queue(maxsize=INBOX_BATCHES_MAX)
 
     def reader():
         while True:
@@ -88,13 +82,10 @@ def serve(data_dir: str, map_size_bytes: int, max_dbs: int, fd_in: int, fd_out: 
                 inbox.put(None)
                 return
             kind, a, b, c, d = MSG.unpack(head)
-            if kind == KIND_APPEND:
-                inbox.put((kind, a, b, c, d, read_exact(fd_in, d * RECORD_SIZE_BYTES)))
-            elif kind == KIND_CKPT_META:
-                inbox.put((kind, a, b, c, d, read_exact(fd_in, a)))
-            else:
+            if kind != KIND_APPEND:
                 inbox.put(None)
                 return
+            inbox.put((a, b, c, d, read_exact(fd_in, d * RECORD_SIZE_BYTES)))
 
     threading.Thread(target=reader, daemon=True).start()
     while True:
@@ -102,65 +93,62 @@ def serve(data_dir: str, map_size_bytes: int, max_dbs: int, fd_in: int, fd_out: 
         if msg is None:
             env.close()
             return 0
-        kind, a, b, c, d, payload = msg
+        date, bno, first, count, payload = msg
         try:
-            if kind == KIND_CKPT_META:
-                with env.begin(write=True) as txn:
-                    if not txn.put(key_u64(b), payload, db=dbs[DB_CHECKPOINTS], overwrite=True):
-                        raise RuntimeError("checkpoint metadata put refused")
-                continue
-            date, bseq, first, count = a, b, c, d
             # Pair assertions before the commit: the node and the stored chain agree.
-            if bseq != batch_seq + 1 or first != last_seq + 1 or count <= 0:
-                raise RuntimeError(f"batch {bseq} first seq {first} count {count} does not follow "
-                                   f"batch {batch_seq} last seq {last_seq}")
+            if bno != batch_no + 1 or first != last_seq + 1 or count <= 0:
+                raise RuntimeError(f"batch {bno} (sequences {first}.. count {count}) does not follow "
+                                   f"batch {batch_no} ending at {last_seq}")
             if date < business_date:
                 raise RuntimeError(f"business date {date} before the previous {business_date}")
             (s0,) = struct.unpack_from("<Q", payload, 0)
             (s1,) = struct.unpack_from("<Q", payload, (count - 1) * RECORD_SIZE_BYTES)
-            if s0 != first or s1 != first + count - 1:
-                raise RuntimeError(f"records carry seq {s0}..{s1}, batch says {first}..{first + count - 1}")
-            header = pack_header(bseq, first, first + count - 1, date, prev, payload)
+            if (s0, s1) != (first, first + count - 1):
+                raise RuntimeError(f"records carry sequences {s0}..{s1}, the batch says {first}..{first + count - 1}")
+            h = hashlib.blake2b(prev, digest_size=32)
+            h.update(payload)
+            digest = h.digest()
+            header = HEADER.pack(bno, first, first + count - 1, date, count, prev, digest)
             with env.begin(write=True) as txn:
                 # append=True is MDB_APPEND: put returns False (and stores nothing) when the key
                 # is not after the last one, so every return value is checked.
-                if not txn.put(key_u64(first), payload, db=dbs[DB_JOURNAL], append=True):
-                    raise RuntimeError(f"journal append refused for seq {first} (out of order)")
-                if not txn.put(key_u64(bseq), header, db=dbs[DB_HEADERS], append=True):
-                    raise RuntimeError(f"header append refused for batch {bseq} (out of order)")
-            # leaving the with-block committed (sync=True: fsync'd) — now acknowledge
-            batch_seq, last_seq, business_date, prev = bseq, first + count - 1, date, header[-32:]
-            write_all(fd_out, ACK.pack(bseq, 0, 0))
+                if not txn.put(first.to_bytes(8, "big"), payload, db=journal_db, append=True):
+                    raise RuntimeError(f"journal put for sequence {first} refused (out of order)")
+                if not txn.put(bno.to_bytes(8, "big"), header, db=headers_db, append=True):
+                    raise RuntimeError(f"header put for batch {bno} refused (out of order)")
+            # the with-block committed (sync=True, metasync=True: fsync'd) — now acknowledge
+            batch_no, last_seq, business_date, prev = bno, first + count - 1, date, digest
+            write_all(fd_out, ACK.pack(bno, 0, 32) + digest)
         except lmdb.MapFullError:
-            _fail(fd_out, b if kind == KIND_APPEND else 0,
-                  f"map full (MDB_MAP_FULL): the ledger reached map_size_bytes={map_size_bytes}. "
-                  f"Nothing after batch {batch_seq} was committed. Remedy: raise map_size_bytes in "
-                  f"the ledger configuration (Node.open(DIR, map_size_bytes=N) or --map-size-bytes N "
-                  f"on the command line; the new size is kept) and restart the node")
+            _fail(fd_out, bno, f"the ledger is full: map_size is {map_size_bytes} bytes. Nothing of batch "
+                               f"{bno} or later was written and nothing acknowledged is lost. Restart the "
+                               f"node with a larger map_size (ledger.map_size_bytes in the config)")
             env.close()
             return 3
         except Exception as e:  # noqa: BLE001 — any failure stops the writer (fail-stop)
-            _fail(fd_out, b if kind == KIND_APPEND else 0, f"commit failed: {e}")
+            _fail(fd_out, bno, f"commit failed ({type(e).__name__}: {e}); the node stops (fail-stop)")
             env.close()
             return 4
 
 
-def _fail(fd_out: int, bseq: int, message: str):
+def _fail(fd_out: int, bno: int, message: str):
     text = message.encode()
     try:
-        write_all(fd_out, ACK.pack(bseq, 1, len(text)) + text)
+        write_all(fd_out, ACK.pack(bno, 1, len(text)) + text)
     except OSError:
         pass
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_parent()
-    data_dir, map_size_bytes, max_dbs, parent_pid = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    journal_path, map_size_bytes, parent_pid = argv[0], int(argv[1]), int(argv[2])
     if os.getppid() != parent_pid:          # the parent died before prctl took effect
         return 5
-    fd_in, fd_out = sys.stdin.fileno(), sys.stdout.fileno()
-    return serve(data_dir, map_size_bytes, max_dbs, fd_in, fd_out)
+    return serve(journal_path, map_size_bytes, sys.stdin.fileno(), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

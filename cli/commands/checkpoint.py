@@ -1,23 +1,21 @@
-"""`yikatong checkpoint --data DIR`: open a stopped node (recovering it), write a checkpoint of the
-engine at the journal's end, close. A running node takes its own every N records."""
-import sys
+"""`yikatong checkpoint --data DIR`: write a checkpoint of a (stopped) node now."""
 
 
 def register(sub):
-    p = sub.add_parser("checkpoint", help="write a checkpoint of a stopped node's engine state")
+    p = sub.add_parser("checkpoint", help="write a checkpoint of the engine's state at the journal's end")
     p.add_argument("--data", required=True, help="the node's data directory")
-    p.add_argument("--map-size-bytes", type=int, default=None, help="raise the LMDB map size (kept)")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from ..ledger.node import Node
-    from ..ledger.store import LedgerError
+    from yikatong.ledger.journal import LedgerError
+    from yikatong.ledger.node import Node
     try:
-        with Node.open(args.data, map_size_bytes=args.map_size_bytes) as node:
-            seq = node.checkpoint(wait=True)
+        node = Node.open(args.data)
     except LedgerError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    print(f"checkpoint at sequence {seq} written in {args.data}/checkpoints")
+        print(f"error: {e}")
+        return 1
+    path = node.checkpoint()
+    print(f"checkpoint at sequence {node.journal.last_seq:,}: {path}")
+    node.close()
     return 0

@@ -1,26 +1,21 @@
-"""`yikatong init --demo DIR`: create a node's data directory holding the demo node (DEMO.md);
-its genesis ISSUE commands are journaled, so a replay from empty rebuilds it."""
-import sys
+"""`yikatong init --data DIR --demo`: create a node's data directory (the demo node of DEMO.md)."""
 
 
 def register(sub):
-    p = sub.add_parser("init", help="create a node data directory (--demo: the demo node of DEMO.md)")
-    p.add_argument("data", metavar="DIR", help="the data directory to create")
-    p.add_argument("--demo", action="store_true", required=True, help="the demo node (the only kind for now)")
-    p.add_argument("--cards", type=int, default=100_000, help="generated cards (DEMO.md)")
-    p.add_argument("--business-date", type=int, default=None, help="YYYYMMDD (default: today)")
+    p = sub.add_parser("init", help="create a node's data directory")
+    p.add_argument("--data", required=True, help="data directory (must be empty or missing)")
+    p.add_argument("--demo", action="store_true", help="the demo node of DEMO.md")
+    p.add_argument("--cards", type=int, default=100_000, help="generated demo cards")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from ..ledger.demo_node import init_demo
-    from ..ledger.store import LedgerError
-    try:
-        node = init_demo(args.data, args.cards, args.business_date)
-    except LedgerError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+    from ..nodes import init_demo_node
+    if not args.demo:
+        print("only --demo nodes can be created from the command line for now; see docs/ledger.md")
         return 2
-    print(f"demo node created in {args.data}: {node.last_seq} genesis records, "
-          f"{node.engine.card_count} cards")
+    node = init_demo_node(args.data, args.cards)
+    print(f"created demo node in {args.data}: {node.engine.card_count:,} cards, journal at sequence "
+          f"{node.journal.last_seq:,}")
     node.close()
     return 0

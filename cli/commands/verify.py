@@ -1,24 +1,21 @@
-"""`yikatong verify --data DIR`: check the journal, hash chain, money and checkpoints (对账 of the
-ledger with itself). Prints OK with counts, or the first broken point, and exits non-zero."""
-import sys
+"""`yikatong verify --data DIR`: recheck the whole ledger; exit 1 at the first broken point."""
 
 
 def register(sub):
-    p = sub.add_parser("verify", help="verify a node's ledger: sequence, hash chain, money, checkpoints = replay")
+    p = sub.add_parser("verify", help="verify the journal, hash chain, money and checkpoints (核对)")
     p.add_argument("--data", required=True, help="the node's data directory")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from ..ledger.store import LedgerCorrupt, LedgerError
-    from ..ledger.verify import verify
+    from yikatong.ledger.journal import LedgerError
+    from yikatong.ledger.verify import VerifyError, verify
     try:
         report = verify(args.data)
-    except LedgerCorrupt as e:
-        print(f"BROKEN: {e.what} at sequence {e.seq}: expected {e.expected}, found {e.found}", file=sys.stderr)
+    except (VerifyError, LedgerError) as e:
+        print(f"BROKEN: {e}")
         return 1
-    except LedgerError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    print(report.line())
+    print(f"OK: {report['records']:,} records in {report['batches']:,} batches (sequence 1…{report['last_seq']:,}), "
+          f"hash chain unbroken, {report['business_dates']} business date(s) with money conserved, "
+          f"replay equals the journal, {report['checkpoints']} checkpoint(s) equal the replay")
     return 0

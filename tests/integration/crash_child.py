@@ -1,34 +1,29 @@
-"""Child of the crash tests: open the node, then apply and append batches forever, pipelined
-(batch N+1 is applied while N commits), printing "ACK <batch_seq>" once a batch is durable."""
+"""Child of the crash tests: applies and journals batches forever, printing `ACK <last_seq>` after
+each durable append (what a server would acknowledge). The parent SIGKILLs it at random moments."""
+import os
 import sys
 
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 from yikatong.ledger.node import Node
+from yikatong.nodes import init_demo_node
 
-BD = 20261124
-CARDS = 100
-
-
-def batch_size(batch_seq: int) -> int:
-    return 1 + (batch_seq * 7919) % 400          # 1 … 400 records, fixed per batch
-
-
-def batch_requests(engine, batch_seq: int):
-    ph = generated_pan_hashes(CardKeys(DEMO_DATA_KEY), CARDS)
-    return medical_settlements(engine, ph, batch_size(batch_seq), seed=batch_seq, first_stan=batch_seq * 1000)
+CARDS = 200
 
 
 def main(data_dir: str):
-    node = Node.open(data_dir, lock_wait=True)
-    print(f"OPEN {node.batch_seq}", flush=True)
-    pending = None
+    if os.path.exists(os.path.join(data_dir, "node.json")):
+        node = Node.open(data_dir)
+    else:
+        node = init_demo_node(data_dir, CARDS, checkpoint_every_records=1500, business_date=20261124,
+                              txn_retention_count=1 << 12)
+    pan_hashes = generated_pan_hashes(CardKeys(DEMO_DATA_KEY), CARDS)
+    print(f"READY {node.journal.last_seq}", flush=True)
     while True:
-        ticket, _ = node.submit(batch_requests(node.engine, node.batch_seq + 1), BD)
-        if pending is not None:
-            node.wait_durable(pending)
-            print(f"ACK {pending}", flush=True)
-        pending = ticket
+        seq = node.journal.last_seq
+        requests = medical_settlements(node.engine, pan_hashes, 97 + seq % 211, seed=seq, first_stan=seq)
+        node.apply_and_append(requests, 20261124 + (seq // 4000))
+        print(f"ACK {node.journal.last_seq}", flush=True)
 
 
 if __name__ == "__main__":

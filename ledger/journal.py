@@ -1,0 +1,345 @@
+"""The append-only journal: one LMDB environment per node, one value per batch of fixed records,
+a hash-chained batch header per batch, written in one transaction and fsynced before append()
+returns (group commit: many messages, one write txn, one fsync).
+
+Layout in the environment (DESIGN.md §4):
+  journal  key = big-endian u64 first sequence of the batch → the batch's records (RECORD_DTYPE)
+  headers  key = big-endian u64 batch number → HEADER_DTYPE
+  meta     b"layout_version" → u32; b"created_by" → text
+"""
+import fcntl
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+
+from . import writer
+from .records import RECORD_DTYPE, RECORD_LAYOUT_VERSION
+
+HEADER_DTYPE = np.dtype([
+    ("batch_no", "<u8"), ("first_seq", "<u8"), ("last_seq", "<u8"), ("business_date", "<u4"),
+    ("record_count", "<u4"), ("prev_hash", "V32"), ("hash", "V32"),
+])
+ZERO_HASH = bytes(32)
+assert HEADER_DTYPE.itemsize == writer.HEADER.size and RECORD_DTYPE.itemsize == writer.RECORD_SIZE_BYTES
+MAP_SIZE_BYTES_DEFAULT = 64 << 30          # address space only; the file grows as written
+
+
+class LedgerError(Exception):
+    """An operational error of the ledger; the message says what happened and the remedy."""
+
+
+class CorruptLedgerError(LedgerError):
+    """Stored bytes are not what was written (torn, flipped, truncated): never used silently."""
+
+
+def be64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def batch_hash(prev_hash: bytes, records: bytes) -> bytes:
+    """BLAKE2b-256 over the previous header's hash and this batch's record bytes."""
+    h = hashlib.blake2b(prev_hash, digest_size=32)
+    h.update(records)
+    return h.digest()
+
+
+def open_env(path: str, map_size_bytes: int, readonly: bool) -> lmdb.Environment:
+    """The journal environment with every flag written out; the node and its writer process
+    open it with exactly these."""
+    return lmdb.open(
+        path,
+        map_size=map_size_bytes,   # address space reserved for the file; full → MapFullError (see append)
+        max_dbs=4,                 # journal, headers, meta
+        subdir=True,
+        sync=True,                 # fsync the data on every commit: an acknowledged batch survives power loss
+        metasync=True,             # fsync the meta page too: the commit itself is durable, not only its data
+        writemap=False,            # write through write(2), never through a writable map: a stray
+                                   # pointer cannot corrupt the file, and torn pages are not possible
+        map_async=False,           # (only with writemap) never let the OS flush the map asynchronously
+        readahead=False,           # random reads of batch values; the OS need not read ahead
+        lock=True,                 # LMDB's own reader/writer lock table
+        meminit=False,             # no need to zero buffers: values are fully written
+        max_readers=64,
+        readonly=readonly,
+    )
+
+
+class Journal:
+    """`Journal(data_dir)` opens an existing ledger; `Journal(data_dir, create=True)` makes one.
+
+    >>> j = Journal("/tmp/node", create=True)      # doctest: +SKIP
+    >>> header = j.append(records, business_date=20261124)   # durable when it returns
+    """
+
+    def __init__(self, data_dir: str, *, create: bool = False, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
+                 readonly: bool = False):
+        """`readonly=True`: a reader beside a running node (verify, jobs): LMDB's MVCC gives it a
+        consistent snapshot per transaction; it takes no node lock and can never write."""
+        self.data_dir = os.path.abspath(data_dir)
+        if not os.path.isdir(self.data_dir):
+            if not create:
+                raise LedgerError(f"data directory {self.data_dir} does not exist: give the node's data "
+                                  f"directory, or create a node with `yikatong init --data DIR`")
+            os.makedirs(self.data_dir)
+        if not os.access(self.data_dir, os.R_OK | os.W_OK | os.X_OK):
+            raise LedgerError(f"data directory {self.data_dir} is not readable and writable by this user: "
+                              f"fix its permissions")
+        path = os.path.join(self.data_dir, "journal.lmdb")
+        exists = os.path.exists(os.path.join(path, "data.mdb"))
+        if not exists and not create:
+            raise LedgerError(f"{self.data_dir} holds no ledger (no journal.lmdb): refusing to create an empty "
+                              f"one in the wrong place; use `yikatong init --data DIR` for a new node")
+        # One running node per data directory: an exclusive, non-blocking lock held while open.
+        self._lock_file = None
+        if not readonly:
+            self._lock_file = open(os.path.join(self.data_dir, "node.lock"), "a+")
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock_file.close()
+                raise LedgerError(f"data directory {self.data_dir} is in use by another running node "
+                                  f"(node.lock is held): stop that node first") from None
+        self.map_size_bytes = map_size_bytes
+        self.env = open_env(path, map_size_bytes, readonly)
+        self._journal_path = path
+        self._writer = None
+        self.journal_db = self.env.open_db(b"journal", create=not readonly)
+        self.headers_db = self.env.open_db(b"headers", create=not readonly)
+        self.meta_db = self.env.open_db(b"meta", create=not readonly)
+        with self.env.begin(write=not readonly) as txn:
+            version = txn.get(b"layout_version", db=self.meta_db)
+            if version is None and not readonly:
+                if not txn.put(b"layout_version", struct.pack("<I", RECORD_LAYOUT_VERSION), db=self.meta_db):
+                    raise LedgerError("could not write the layout version")
+            elif version is not None:
+                stored = struct.unpack("<I", version)[0]
+                if stored > RECORD_LAYOUT_VERSION:
+                    raise LedgerError(f"{self.data_dir} was written with record layout version {stored}; this "
+                                      f"build reads up to version {RECORD_LAYOUT_VERSION}: upgrade yikatong")
+        self._load_tail()
+
+    # ---- state of the tail ------------------------------------------------------------------
+    def _load_tail(self):
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.headers_db)
+            if cur.last():
+                header = np.frombuffer(cur.value(), dtype=HEADER_DTYPE)[0]
+                self.last_batch_no = int(header["batch_no"])
+                self.last_seq = int(header["last_seq"])
+                self.last_hash = bytes(header["hash"])
+                self.last_business_date = int(header["business_date"])
+            else:
+                self.last_batch_no, self.last_seq, self.last_hash, self.last_business_date = 0, 0, ZERO_HASH, 0
+
+    # ---- the writer process (DESIGN.md §4: commits must not wait for the node's GIL) ---------
+    def start_writer(self) -> None:
+        """Hand every later commit to a writer process (ledger/writer.py). After this,
+        `submit` + `wait_durable` pipeline batches; `append` is both in one call."""
+        if self._writer is not None:
+            return
+        self._writer = subprocess.Popen(
+            [sys.executable, "-m", "yikatong.ledger.writer", self._journal_path, str(self.map_size_bytes),
+             str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            pass_fds=(self._lock_file.fileno(),))   # the writer holds the node lock until it exits
+        self._fd_out, self._fd_in = self._writer.stdin.fileno(), self._writer.stdout.fileno()
+        try:
+            fcntl.fcntl(self._fd_out, 1031, writer.PIPE_SIZE_BYTES)   # F_SETPIPE_SZ
+        except OSError:
+            pass                                                       # 64 KiB pipes work too
+        self.acked_batch_no = self.last_batch_no
+        self._pending_hashes = {}
+        self._read_ack(0)
+
+    def submit(self, records: np.ndarray, business_date: int) -> int:
+        """Send one batch to the writer process; return its batch number (the ticket). The
+        batch is durable only once `wait_durable(ticket)` returned."""
+        if self._writer is None:
+            self.start_writer()
+        first, n = self._check_batch(records, business_date)
+        ticket = self.last_batch_no + 1
+        try:
+            writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND, business_date, ticket, first, n))
+            writer.write_all(self._fd_out, np.ascontiguousarray(records).view(np.uint8))
+        except OSError:
+            self._writer_gone(ticket)
+        self.last_batch_no = ticket
+        self.last_seq = first + n - 1
+        self.last_business_date = business_date
+        return ticket
+
+    def wait_durable(self, ticket: int) -> None:
+        """Block until batch `ticket` (and every earlier one) is committed."""
+        while self.acked_batch_no < ticket:
+            self._read_ack(self.acked_batch_no + 1)
+
+    def _read_ack(self, expected: int) -> None:
+        try:
+            head = writer.read_exact(self._fd_in, writer.ACK.size)
+        except (EOFError, OSError):
+            head = None
+        if head is None:
+            self._writer_gone(expected)
+        batch_no, status, length = writer.ACK.unpack(head)
+        body = writer.read_exact(self._fd_in, length) if length else b""
+        if status:
+            self.failed = body.decode()
+            raise LedgerError(self.failed)
+        assert batch_no == expected, (batch_no, expected)
+        if batch_no:                       # 0 is the ready handshake
+            self.acked_batch_no = batch_no
+            self.last_hash = body          # the chain is computed by the writer
+
+    def _writer_gone(self, batch_no: int):
+        code = self._writer.poll()
+        self.failed = f"the writer process exited (code {code}) before committing batch {batch_no}"
+        raise LedgerError(f"{self.failed}; the node stops (fail-stop): restart it to recover from disk")
+
+    def _stop_writer(self):
+        if self._writer is None:
+            return
+        try:
+            if not getattr(self, "failed", None):
+                self.wait_durable(self.last_batch_no)
+        finally:
+            try:
+                self._writer.stdin.close()             # end of file: the writer closes and exits
+            except OSError:
+                pass
+            try:
+                self._writer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._writer.kill()
+                self._writer.wait()
+            self._writer.stdout.close()
+            self._writer = None
+
+    def _check_batch(self, records: np.ndarray, business_date: int) -> tuple[int, int]:
+        if getattr(self, "failed", None):
+            raise LedgerError(f"the journal stopped after a failed commit ({self.failed}); restart the node")
+        n = records.shape[0]
+        if n == 0:
+            raise ValueError("append: an empty batch")
+        if records.dtype != RECORD_DTYPE:
+            raise TypeError(f"append: records of dtype {records.dtype}, expecting RECORD_DTYPE")
+        first, last = int(records["seq"][0]), int(records["seq"][-1])
+        if first != self.last_seq + 1 or last != first + n - 1:
+            raise LedgerError(f"append: batch sequences {first}..{last} do not continue the journal at "
+                              f"{self.last_seq} (a programmer error: sequences are assigned by the node)")
+        if business_date < self.last_business_date:
+            raise LedgerError(f"append: business date {business_date} before {self.last_business_date}")
+        return first, n
+
+    # ---- writing ------------------------------------------------------------------------------
+    def append(self, records: np.ndarray, business_date: int) -> np.ndarray:
+        """Write one batch of records (their `seq` must continue the journal) and its header in
+        one transaction; returns the header once the commit is durable. Any failure is final for
+        this Journal (fail-stop): nothing after a failed commit is ever acknowledged.
+        With the writer process started (`start_writer`), this is submit + wait_durable."""
+        if self._writer is not None:
+            ticket = self.submit(records, business_date)
+            self.wait_durable(ticket)
+            with self.env.begin() as txn:
+                return np.frombuffer(txn.get(be64(ticket), db=self.headers_db), dtype=HEADER_DTYPE)[0]
+        if getattr(self, "failed", None):
+            raise LedgerError(f"the journal stopped after a failed commit ({self.failed}); restart the node")
+        n = records.shape[0]
+        if n == 0:
+            raise ValueError("append: an empty batch")
+        if records.dtype != RECORD_DTYPE:
+            raise TypeError(f"append: records of dtype {records.dtype}, expecting RECORD_DTYPE")
+        first, last = int(records["seq"][0]), int(records["seq"][-1])
+        if first != self.last_seq + 1 or last != first + n - 1:
+            raise LedgerError(f"append: batch sequences {first}..{last} do not continue the journal at "
+                              f"{self.last_seq} (a programmer error: sequences are assigned by the node)")
+        if business_date < self.last_business_date:
+            raise LedgerError(f"append: business date {business_date} before {self.last_business_date}")
+        payload = np.ascontiguousarray(records).tobytes()
+        header = np.zeros(1, dtype=HEADER_DTYPE)
+        header["batch_no"] = self.last_batch_no + 1
+        header["first_seq"] = first
+        header["last_seq"] = last
+        header["business_date"] = business_date
+        header["record_count"] = n
+        header["prev_hash"] = np.void(self.last_hash)
+        digest = batch_hash(self.last_hash, payload)
+        header["hash"] = np.void(digest)
+        try:
+            with self.env.begin(write=True) as txn:
+                # append=True: keys must grow; py-lmdb returns False (and writes nothing) otherwise
+                if not txn.put(be64(first), payload, db=self.journal_db, append=True):
+                    raise LedgerError(f"journal put for sequence {first} refused (out of order)")
+                if not txn.put(be64(self.last_batch_no + 1), header.tobytes(), db=self.headers_db, append=True):
+                    raise LedgerError(f"header put for batch {self.last_batch_no + 1} refused (out of order)")
+        except lmdb.MapFullError:
+            self.failed = "map full"
+            raise LedgerError(f"the ledger is full: map_size is {self.map_size_bytes} bytes. Nothing of this batch "
+                              f"was written and nothing acknowledged is lost. Restart the node with a larger "
+                              f"map_size (ledger.map_size_bytes in the config)") from None
+        except lmdb.Error as e:
+            self.failed = type(e).__name__
+            raise LedgerError(f"commit failed ({type(e).__name__}: {e}); the node stops (fail-stop)") from None
+        self.last_batch_no += 1
+        self.last_seq = last
+        self.last_hash = digest
+        self.last_business_date = business_date
+        return header[0]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def headers(self) -> np.ndarray:
+        with self.env.begin() as txn:
+            values = [v for _, v in txn.cursor(db=self.headers_db)]
+        return np.frombuffer(b"".join(values), dtype=HEADER_DTYPE) if values else np.zeros(0, dtype=HEADER_DTYPE)
+
+    def read(self, first: int = 1, last: int | None = None) -> np.ndarray:
+        """Records first..last (inclusive) as one structured array; Python runs per batch."""
+        last = self.last_seq if last is None else min(last, self.last_seq)
+        if last < first:
+            return np.zeros(0, dtype=RECORD_DTYPE)
+        chunks = []
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self.journal_db)
+            if not cur.set_range(be64(first)) or struct.unpack(">Q", bytes(cur.key()))[0] > first:
+                if not cur.prev() and not cur.first():
+                    return np.zeros(0, dtype=RECORD_DTYPE)
+            while True:
+                start = struct.unpack(">Q", bytes(cur.key()))[0]
+                if start > last:
+                    break
+                value = cur.value()
+                if len(value) % RECORD_DTYPE.itemsize:
+                    raise CorruptLedgerError(f"journal value at sequence {start}: {len(value)} bytes, not a "
+                                             f"multiple of the {RECORD_DTYPE.itemsize}-byte record")
+                batch = np.frombuffer(value, dtype=RECORD_DTYPE)
+                lo = max(first - start, 0)
+                hi = min(last - start + 1, batch.shape[0])
+                if hi > lo:
+                    chunks.append(batch[lo:hi].copy())     # copy out of the transaction's memory
+                if not cur.next():
+                    break
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=RECORD_DTYPE)
+
+    def batches(self):
+        """(header, records) of every batch in order — for replay and verify."""
+        headers = self.headers()
+        with self.env.begin(buffers=True) as txn:
+            for header in headers:
+                value = txn.get(be64(int(header["first_seq"])), db=self.journal_db)
+                if value is None:
+                    raise CorruptLedgerError(f"batch {int(header['batch_no'])}: no journal value at sequence "
+                                             f"{int(header['first_seq'])}")
+                yield header, bytes(value)
+
+    def close(self):
+        self._stop_writer()
+        self.env.close()
+        if self._lock_file is not None:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            finally:
+                self._lock_file.close()

@@ -1,0 +1,186 @@
+"""The journal on real LMDB in temp dirs: append/read, recovery, checkpoints, verify, and every
+operational error with its remedy; corruption of records, headers and checkpoints is detected."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from yikatong.engine import Cmd, rc_str
+from yikatong.engine.builders import medical, request
+from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
+from yikatong.engine.workload import generated_pan_hashes, medical_settlements
+from yikatong.ledger.journal import CorruptLedgerError, Journal, LedgerError
+from yikatong.ledger.node import Node
+from yikatong.ledger.records import RECORD_DTYPE
+from yikatong.ledger.verify import VerifyError, verify
+from yikatong.nodes import init_demo_node
+
+BD = 20261124
+KEYS = CardKeys(DEMO_DATA_KEY)
+
+
+@pytest.fixture
+def node_dir(tmp_path):
+    """A demo node with 300 generated cards and 12 batches of settlements, checkpoint every 2,000."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 300, checkpoint_every_records=2000, business_date=BD, txn_retention_count=1 << 14)
+    requests = medical_settlements(node.engine, generated_pan_hashes(KEYS, 300), 6000, seed=5)
+    for i in range(0, 6000, 500):
+        node.apply_and_append(requests[i:i + 500], BD if i < 3000 else BD + 1)
+    node.close()
+    return path
+
+
+def test_read_returns_exact_ranges(node_dir):
+    j = Journal(node_dir)
+    try:
+        everything = j.read()
+        assert everything.dtype == RECORD_DTYPE
+        assert (everything["seq"] == np.arange(1, j.last_seq + 1)).all()
+        part = j.read(400, 1234)
+        assert (part["seq"] == np.arange(400, 1235)).all()
+        assert j.read(j.last_seq + 1).shape == (0,)
+        assert j.headers().shape[0] == 2 + 1 + 12          # named, family, generated, 12 batches
+    finally:
+        j.close()
+
+
+def test_recovery_equals_the_live_engine_and_replay_from_genesis(node_dir, tmp_path):
+    live = Node.open(node_dir)
+    arrays = {k: v.copy() for k, v in live.engine.arrays.items()}
+    assert live.checkpoint_seq > 0                         # recovered from a checkpoint + tail
+    live.close()
+    genesis = str(tmp_path / "copy")
+    shutil.copytree(node_dir, genesis)
+    shutil.rmtree(os.path.join(genesis, "checkpoints"))   # no checkpoint: replay from genesis
+    os.remove(os.path.join(genesis, "node.lock"))
+    replayed = Node.open(genesis)
+    try:
+        for name, array in arrays.items():
+            assert replayed.engine.arrays[name].tobytes() == array.tobytes(), name
+    finally:
+        replayed.close()
+
+
+def test_idempotency_survives_restart(node_dir):
+    node = Node.open(node_dir)
+    q = medical(node.engine, KEYS, "6214830000000017", "T0000001", 5000000, 300000, 50000, 100000, 4550000, stan=99)
+    first = node.apply_and_append(q, BD + 1)[0]
+    rev = request(node.engine, KEYS, Cmd.REVERSAL, pan="6214830000000025", terminal="T0000003", stan=321)
+    assert rc_str(node.apply_and_append(rev, BD + 1)[0]["code"]) == "00"      # tombstone
+    node.close()
+    node = Node.open(node_dir)
+    try:
+        again = node.apply_and_append(q, BD + 1)[0]
+        assert (rc_str(again["code"]), again["rrn"], again["fin_leg_fen"]) == ("00", first["rrn"], 938000)
+        other = q.copy()
+        other["content_hash"] ^= 1
+        assert rc_str(node.apply_and_append(other, BD + 1)[0]["code"]) == "94"
+        late = medical(node.engine, KEYS, "6214830000000025", "T0000003", 5000000, 300000, 50000, 100000, 4550000, stan=321)
+        assert rc_str(node.apply_and_append(late, BD + 1)[0]["code"]) == "25"
+        assert node.engine.balances(node.engine.slot_of(KEYS.pan_hash("6214830000000017"))) == (0, 1062000)
+    finally:
+        node.close()
+    assert verify(node_dir)["records"] > 6000
+
+
+def test_verify_ok_counts(node_dir):
+    report = verify(node_dir)
+    assert report == {"batches": 15, "records": 6000 + 100309 - 100000, "checkpoints": 3,
+                      "business_dates": 2, "last_seq": 6309, "cutovers": 0}
+
+
+def flip_byte_in_file(path: str, needle: bytes, offset_in_needle: int):
+    """Flip one byte in every copy of `needle` in the file (LMDB keeps older page versions)."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(needle)
+    assert at >= 0, "the bytes to corrupt were not found in the file"
+    while at >= 0:
+        data[at + offset_in_needle] ^= 0x40
+        at = data.find(needle, at + 1)
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_record_byte_is_detected(node_dir, tmp_path):
+    copy = str(tmp_path / "flip")
+    shutil.copytree(node_dir, copy)
+    os.remove(os.path.join(copy, "node.lock"))
+    j = Journal(copy)
+    victim = j.read(100, 100).tobytes()
+    j.close()
+    flip_byte_in_file(os.path.join(copy, "journal.lmdb", "data.mdb"), victim, 200)
+    with pytest.raises(VerifyError, match="records altered"):
+        verify(copy)
+    with pytest.raises(CorruptLedgerError, match=r"batch 3 \(sequence 10…309\): records hash"):
+        Node.open(copy)
+
+
+def test_flipped_header_byte_is_detected(node_dir, tmp_path):
+    copy = str(tmp_path / "flip")
+    shutil.copytree(node_dir, copy)
+    os.remove(os.path.join(copy, "node.lock"))
+    j = Journal(copy)
+    header = j.headers()[5].tobytes()
+    j.close()
+    flip_byte_in_file(os.path.join(copy, "journal.lmdb", "data.mdb"), header, 60)   # inside prev_hash
+    with pytest.raises(VerifyError, match="hash chain broken"):
+        verify(copy)
+    with pytest.raises(CorruptLedgerError, match="batch 6: previous hash"):
+        Node.open(copy)
+
+
+def test_torn_checkpoint_is_detected_never_used(node_dir, tmp_path):
+    copy = str(tmp_path / "torn")
+    shutil.copytree(node_dir, copy)
+    os.remove(os.path.join(copy, "node.lock"))
+    newest = sorted(f for f in os.listdir(os.path.join(copy, "checkpoints")) if f.endswith(".npz"))[-1]
+    path = os.path.join(copy, "checkpoints", newest)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CorruptLedgerError, match=r"torn or altered\)\. Remedy: move it"):
+        Node.open(copy)
+    with pytest.raises(VerifyError, match="checkpoint"):
+        verify(copy)
+
+
+def test_operational_errors_say_what_to_do(node_dir, tmp_path):
+    with pytest.raises(LedgerError, match="does not exist: give the node's data directory"):
+        Node.open(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LedgerError, match="holds no node .* refusing to start an empty node"):
+        Node.open(str(empty))
+    assert os.listdir(empty) == []                      # nothing created in the wrong place
+    node = Node.open(node_dir)
+    try:
+        with pytest.raises(LedgerError, match="in use by another running node"):
+            Node.open(node_dir)
+    finally:
+        node.close()
+    # a newer layout version refuses to start
+    j = Journal(node_dir)
+    with j.env.begin(write=True) as txn:
+        txn.put(b"layout_version", (99).to_bytes(4, "little"), db=j.meta_db)
+    j.close()
+    with pytest.raises(LedgerError, match="record layout version 99; this build reads up to version 1: upgrade"):
+        Node.open(node_dir)
+
+
+def test_map_full_is_clear_and_loses_nothing(tmp_path):
+    path = str(tmp_path / "small")
+    from yikatong.ledger.node import NodeSettings
+    from yikatong.engine.demo import demo_config, genesis_batches
+    settings = NodeSettings(config=demo_config(), card_capacity=400, map_size_bytes=1 << 20, txn_retention_count=1 << 12)
+    node = Node.init(path, settings, genesis_batches(KEYS, 300), BD)
+    requests = medical_settlements(node.engine, generated_pan_hashes(KEYS, 300), 20000, seed=9)
+    acked = node.journal.last_seq
+    with pytest.raises(LedgerError, match="map_size is 1048576 bytes. .* Restart the node with a larger map_size"):
+        for i in range(0, 20000, 500):
+            node.apply_and_append(requests[i:i + 500], BD)
+            acked = node.journal.last_seq
+    with pytest.raises(LedgerError, match="stopped after a failed commit"):
+        node.apply_and_append(requests[:1], BD)          # fail-stop
+    node.close()
+    assert verify(path)["last_seq"] == acked            # everything acknowledged is there
