@@ -26,8 +26,6 @@ RECORD_DTYPE = np.dtype([
     ("result", RESULT_DTYPE),
 ])
 assert RECORD_DTYPE.itemsize == 304, RECORD_DTYPE.itemsize
-from .records_layout import RECORD_SIZE_BYTES as _SIZE, RECORD_LAYOUT_VERSION as _VERSION  # noqa: E402
-assert (_SIZE, _VERSION) == (RECORD_DTYPE.itemsize, RECORD_LAYOUT_VERSION)   # the writer uses these
 
 
 def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int,
