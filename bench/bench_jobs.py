@@ -82,3 +82,33 @@ def test_totals_reconciliation(benchmark):
                                  "checksum": checksum})
     print(f"\ntotals (对总账) over {records.shape[0]:,} records: {rate / 1e6:.2f} M records/s (flatten + DuckDB); "
           f"naive loop {base_rate:,.0f}/s; ratio {rate / base_rate:,.0f}×; checksum {checksum}")
+
+
+def test_detail_reconciliation(benchmark, tmp_path):
+    """对明细账 against a counterpart file with one line per settlement of the day (the file is
+    written from the ledger's own view, then every 1,000th line altered)."""
+    count = size(200_000, 10_000_000)
+    records, config = journal(count)
+    con = jobs.connect(jobs.flatten(records), jobs.dimensions(config, records))
+    path = tmp_path / "details.csv"
+    con.sql(f"""COPY (SELECT rrn AS setl_id, 'V' || rrn AS visit_id, 'p' || pan_last4 AS person, amount_fen AS total_fen,
+                        CASE WHEN rrn % 1000 = 0 THEN fund_fen + 1 ELSE fund_fen END AS fund_fen,
+                        ins_leg_fen + aid_leg_fen AS insurance_account_fen, false AS refund_flag
+                 FROM settlements WHERE business_date = {BD}) TO '{path}' (HEADER)""")
+    timings = []
+
+    def run():
+        t = time.perf_counter()
+        differences = jobs.compare_details(con, BD, str(path))
+        timings.append(time.perf_counter() - t)
+        return differences
+
+    differences = benchmark.pedantic(run, rounds=1, iterations=1)
+    res = records["result"]
+    posted = (res["cmd"] == 5) & ((res["outcome_flags"] & 1) != 0)
+    expected = int((res["rrn"][posted] % 1000 == 0).sum())
+    assert differences.num_rows == expected
+    assert set(differences.column("difference").to_pylist()) == {"mismatch_fund_fen"}
+    lines = int(posted.sum())
+    benchmark.extra_info.update({"lines": lines, "seconds": round(timings[0], 2), "differences": expected})
+    print(f"\n对明细账 against {lines:,} lines: {timings[0]:.2f} s, {expected:,} differences found")
