@@ -32,6 +32,17 @@ def template_records():
     return records_from_batch(q, engine.apply_batch(q, business_date=BD), 1, BD)
 
 
+def timed(fn, times: list):
+    """fn, timing each call into `times`: the figures exist also under --benchmark-disable
+    (make test runs each bench once), where pytest-benchmark keeps no stats."""
+    def run():
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        return out
+    return run
+
+
 def _rounds(batch_size: int) -> int:
     return {1: size(200, 2000), 256: size(50, 400), 4096: size(10, 100)}[batch_size]
 
@@ -52,10 +63,11 @@ def test_durable_append(benchmark, tmp_path, template_records, batch_size):
         batch["seq"] = np.arange(journal.last_seq + 1, journal.last_seq + 1 + batch_size, dtype=np.uint64)
         journal.wait_durable(journal.submit(batch, BD))
 
-    benchmark.pedantic(append, rounds=_rounds(batch_size), iterations=1, warmup_rounds=2)
+    times: list = []
+    benchmark.pedantic(timed(append, times), rounds=_rounds(batch_size), iterations=1, warmup_rounds=2)
     journal.close()
     raw_s = raw_putmulti_seconds(tmp_path / "raw", template_records[:batch_size], _rounds(batch_size))
-    ours_s = benchmark.stats.stats.mean
+    ours_s = float(np.mean(times[-_rounds(batch_size):]))
     benchmark.extra_info.update({
         "batch_size": batch_size, "records_per_s": batch_size / ours_s,
         "raw_putmulti_records_per_s": batch_size / raw_s, "ratio_vs_raw": raw_s / ours_s,
@@ -92,7 +104,9 @@ def test_bulk_read(benchmark, tmp_path, template_records):
         journal.submit(batch, BD)
     journal.wait_durable(journal.last_batch_no)
     n = journal.last_seq
-    records = benchmark.pedantic(lambda: journal.read(1, n), rounds=size(3, 5), iterations=1, warmup_rounds=1)
+    times: list = []
+    records = benchmark.pedantic(timed(lambda: journal.read(1, n), times), rounds=size(3, 5), iterations=1,
+                                 warmup_rounds=1)
     out = np.empty(n, dtype=RECORD_DTYPE)
     t0 = time.perf_counter()          # baseline: a per-record Python loop over the same values
     count = 0
@@ -105,7 +119,7 @@ def test_bulk_read(benchmark, tmp_path, template_records):
     journal.close()
     assert out.tobytes() == records.tobytes()
     benchmark.extra_info.update({
-        "records": n, "records_per_s": n / benchmark.stats.stats.mean,
+        "records": n, "records_per_s": n / float(np.mean(times)),
         "per_record_loop_records_per_s": n / loop_s,
         "checksum": hashlib.blake2b(records["seq"].tobytes(), digest_size=8).hexdigest(),
     })
