@@ -301,7 +301,11 @@ class Journal:
         last = self.last_seq if last is None else min(last, self.last_seq)
         if last < first:
             return np.zeros(0, dtype=RECORD_DTYPE)
-        chunks = []
+        # One copy: each batch's slice goes straight from the transaction's memory into its place.
+        out = np.empty(last - first + 1, dtype=RECORD_DTYPE)
+        out_bytes = out.view(np.uint8)                 # raw copies: a structured assignment is field by field
+        size = RECORD_DTYPE.itemsize
+        filled = 0
         with self.env.begin(buffers=True) as txn:
             cur = txn.cursor(db=self.journal_db)
             if not cur.set_range(be64(first)) or struct.unpack(">Q", bytes(cur.key()))[0] > first:
@@ -315,14 +319,20 @@ class Journal:
                 if len(value) % RECORD_DTYPE.itemsize:
                     raise CorruptLedgerError(f"journal value at sequence {start}: {len(value)} bytes, not a "
                                              f"multiple of the {RECORD_DTYPE.itemsize}-byte record")
-                batch = np.frombuffer(value, dtype=RECORD_DTYPE)
+                count = len(value) // size
                 lo = max(first - start, 0)
-                hi = min(last - start + 1, batch.shape[0])
+                hi = min(last - start + 1, count)
                 if hi > lo:
-                    chunks.append(batch[lo:hi].copy())     # copy out of the transaction's memory
+                    if start + lo != first + filled:
+                        raise CorruptLedgerError(f"journal: sequence {first + filled} expected, batch at "
+                                                 f"{start} gives {start + lo}")
+                    out_bytes[filled * size:(filled + hi - lo) * size] = np.frombuffer(value, np.uint8)[lo * size:hi * size]
+                    filled += hi - lo
                 if not cur.next():
                     break
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=RECORD_DTYPE)
+        if filled != out.shape[0]:
+            raise CorruptLedgerError(f"journal: records {first + filled}…{last} missing")
+        return out
 
     def batches(self):
         """(header, records) of every batch in order — for replay and verify."""
