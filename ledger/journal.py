@@ -246,19 +246,8 @@ class Journal:
             self.wait_durable(ticket)
             with self.env.begin() as txn:
                 return np.frombuffer(txn.get(be64(ticket), db=self.headers_db), dtype=HEADER_DTYPE)[0]
-        if getattr(self, "failed", None):
-            raise LedgerError(f"the journal stopped after a failed commit ({self.failed}); restart the node")
-        n = records.shape[0]
-        if n == 0:
-            raise ValueError("append: an empty batch")
-        if records.dtype != RECORD_DTYPE:
-            raise TypeError(f"append: records of dtype {records.dtype}, expecting RECORD_DTYPE")
-        first, last = int(records["seq"][0]), int(records["seq"][-1])
-        if first != self.last_seq + 1 or last != first + n - 1:
-            raise LedgerError(f"append: batch sequences {first}..{last} do not continue the journal at "
-                              f"{self.last_seq} (a programmer error: sequences are assigned by the node)")
-        if business_date < self.last_business_date:
-            raise LedgerError(f"append: business date {business_date} before {self.last_business_date}")
+        first, n = self._check_batch(records, business_date)
+        last = first + n - 1
         payload = np.ascontiguousarray(records).tobytes()
         header = np.zeros(1, dtype=HEADER_DTYPE)
         header["batch_no"] = self.last_batch_no + 1
