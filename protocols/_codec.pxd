@@ -1,0 +1,83 @@
+# cython: language_level=3
+"""The codec's C contract: the per-message wire record and the decode / encode entry points the
+server and the load generator `cimport`. A `Wire` row lives in memory for one batch only and is
+never written anywhere: it holds what the reply echoes, where the MACs are, and — until the
+security stage has checked the PIN and zeroed them — the PIN block and the PAN digits.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from yikatong.engine._core cimport Request, Result
+
+# ---- what a frame is (Wire.kind): who handles it ----------------------------------------------
+cdef enum:
+    WK_INVALID = 0       # not decodable: the reply is 30 (or 12), decided by the codec
+    WK_ENGINE = 1        # a card transaction: the engine applies it
+    WK_SIGNON = 2        # 0800 / 003
+    WK_SIGNOFF = 3       # 0820 / 002
+    WK_ECHO = 4          # 0820 / 301
+    WK_SETTLE = 5        # 0500 / 201 batch settlement
+    WK_UPLOAD = 6        # 0320 / 201, 202, 207 batch upload
+
+# ---- Wire.flags -------------------------------------------------------------------------------
+cdef enum:
+    WF_MAC_REPLY = 1     # the reply carries field 64 (the terminal is signed on)
+    WF_RESIGN = 2        # the reply's header asks the terminal to sign on again (nibble 3)
+    WF_NO_REPLY = 4      # nothing can be answered (MTI, 11 or 41 unreadable): log and drop
+    WF_PIN = 8           # field 52 was present (pin_block, pan hold it until the PIN stage)
+
+# ---- decode errors (Wire.err_what): what was expected ---------------------------------------
+cdef enum:
+    ERR_NONE = 0
+    ERR_SHORT = 1            # the frame ends inside this field (found: bytes left)
+    ERR_TPDU = 2             # TPDU id is not 0x60 (found: the byte)
+    ERR_HEADER = 3           # header application type is not 60 (found: the byte)
+    ERR_BCD = 4              # a nibble that is not a decimal digit (found: the nibble)
+    ERR_PAD = 5              # a pad nibble that is not 0 (found: the nibble)
+    ERR_LENGTH = 6           # a declared length above the field's maximum (found: the length)
+    ERR_SECONDARY = 7        # bitmap bit 1: no secondary bitmap in this dialect
+    ERR_UNKNOWN_FIELD = 8    # a field this dialect does not define (err_field says which)
+    ERR_TRAILING = 9         # bytes after the last field (found: how many)
+    ERR_CHARSET = 10         # a byte outside the field's character set (found: the byte, not for card fields)
+    ERR_MISSING = 11         # a required field is absent (err_field says which)
+    ERR_VALUE = 12           # a value outside what the field allows (found: the value where safe)
+    ERR_TLV = 13             # field 62 TLV malformed (err_offset points into the frame)
+    ERR_TLV_TAG = 14         # field 62 tag unknown or repeated (found: the tag's two bytes)
+    ERR_ROUTE = 15           # MTI + 3 + 60.1 + 60.3 is no message of PROTOCOL.md §3 (answer 12)
+    ERR_TRACK2 = 16          # field 35 without a separator or with a PAN of the wrong length
+
+ctypedef struct Wire:
+    uint64_t present             # bit f-1 set: field f was in the request
+    int64_t amount_fen           # field 4 as received
+    uint32_t proc_code           # field 3
+    uint32_t stan                # field 11
+    uint32_t local_time          # field 12 hhmmss
+    uint32_t batch_no            # 60.2
+    uint32_t err_offset          # decode error: byte offset in the frame body (after the length prefix)
+    int32_t err_found            # decode error: what was found (a length, a byte, a nibble; never card data); -1 = withheld
+    int32_t terminal_index       # registry slot of field 41, -1 unknown
+    uint32_t reply_start         # reply: offset of its frame (length prefix included) in the output buffer
+    uint32_t reply_mab           # reply: offset of its MTI (the MAB starts there)
+    uint32_t reply_mac           # reply: offset of field 64's 8 bytes, 0 = none
+    uint16_t reply_len           # reply: frame length with its prefix
+    uint16_t reply_mab_len       # reply: MAB length (MTI up to field 64)
+    uint16_t mti                 # the 4 digits as a number: 200, 400, 800 ...
+    uint16_t local_date          # field 13 MMDD
+    uint16_t f60_3               # 60.3 network management code
+    uint16_t err_field           # decode error: field number (0: framing, TPDU, header, MTI, bitmap)
+    uint16_t err_what            # ERR_*
+    uint16_t mab_len             # request: bytes from the MTI to the end of the last field before 64
+    uint16_t mac_offset          # request: offset of field 64's 8 bytes in the body, 0 = none
+    uint16_t f60_len             # digits of field 60 as received (echoed)
+    uint8_t kind                 # WK_*
+    uint8_t flags                # WF_*
+    uint8_t f60_1                # 60.1 message type code
+    uint8_t pan_len              # digits in pan (transient)
+    uint8_t tpdu[5]
+    uint8_t header[6]
+    uint8_t tid[8]               # field 41
+    uint8_t mid[15]              # field 42
+    uint8_t f39[2]               # reversal reason
+    uint8_t f60[9]               # field 60 BCD as received (up to 17 digits), echoed in the reply
+    uint8_t mac[8]               # field 64 as received
+    uint8_t pin_block[8]         # field 52 (transient: zeroed by the PIN stage)
+    uint8_t pan[19]              # PAN digits, ASCII (transient: zeroed by the PIN stage)
+    uint8_t reserved0[8]
