@@ -1,0 +1,211 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The per-batch security stage between the codec and the engine (PROTOCOL.md §3.3):
+
+  registered (97) → signed on (77, header asks for a sign-on) → request MAC (A0; after three
+  bad MACs in a row the terminal must sign on again) → PIN block (99 when malformed; else the
+  PIN's verification value goes into the request row and the engine decides 55 / 75).
+
+Then, after the engine and the encoder, every reply to a signed-on terminal gets its MAC.
+MACs and PIN blocks of a whole batch go through the bitsliced DES of _des in one call each
+(PROTOCOL.md's per-message budget cannot afford one DES call per block per message).
+The PAN digits and the PIN block are zeroed in the Wire rows as soon as the PIN is checked.
+"""
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport malloc, free
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+cimport numpy as cnp
+import numpy as np
+
+from yikatong.engine._core cimport Request, siphash24, RC_30, RC_77, RC_97, RC_99, RC_A0, REQ_PIN
+from yikatong.protocols._codec cimport (Wire, WK_ENGINE, WK_INVALID, WF_MAC_REPLY, WF_RESIGN,
+                                        WF_NO_REPLY, WF_PIN)
+from yikatong.protocols._des cimport mac_many, tdes_ecb_many, pin_from_block
+
+cnp.import_array()
+
+cdef enum:
+    BAD_MACS_MAX = 3  # consecutive bad MACs before the terminal must sign on again (§3.3)
+
+
+cdef class TerminalKeys:
+    """Session state of every registered terminal, one row each (index = registry order):
+    signed on, PIN key, MAC key (both clear in memory only — never written anywhere), MAC
+    algorithm, consecutive bad MACs. Sign-on fills a row; three bad MACs or a sign-off clear it."""
+    cdef readonly object signed_on, pin_key, mac_key, mac_alg, bad_macs
+    cdef uint8_t* _signed_on
+    cdef uint8_t* _pin_key
+    cdef uint8_t* _mac_key
+    cdef uint8_t* _mac_alg
+    cdef uint8_t* _bad_macs
+    cdef readonly int count
+
+    def __init__(self, mac_algorithms not None):
+        self.count = len(mac_algorithms)
+        self.signed_on = np.zeros(max(1, self.count), np.uint8)
+        self.pin_key = np.zeros((max(1, self.count), 16), np.uint8)
+        self.mac_key = np.zeros((max(1, self.count), 16), np.uint8)
+        self.mac_alg = np.ascontiguousarray(mac_algorithms, dtype=np.uint8) if self.count else np.zeros(1, np.uint8)
+        self.bad_macs = np.zeros(max(1, self.count), np.uint8)
+        self._signed_on = <uint8_t*>cnp.PyArray_DATA(self.signed_on)
+        self._pin_key = <uint8_t*>cnp.PyArray_DATA(self.pin_key)
+        self._mac_key = <uint8_t*>cnp.PyArray_DATA(self.mac_key)
+        self._mac_alg = <uint8_t*>cnp.PyArray_DATA(self.mac_alg)
+        self._bad_macs = <uint8_t*>cnp.PyArray_DATA(self.bad_macs)
+
+    def sign_on(self, int index, bytes pin_key not None, bytes mac_key not None):
+        self.pin_key[index] = np.frombuffer(pin_key, np.uint8)
+        self.mac_key[index] = np.frombuffer(mac_key, np.uint8)
+        self.bad_macs[index] = 0
+        self.signed_on[index] = 1
+
+    def sign_off(self, int index):
+        self.signed_on[index] = 0
+        self.pin_key[index] = 0
+        self.mac_key[index] = 0
+
+
+def check_requests(list frames not None, cnp.ndarray wires not None, cnp.ndarray requests not None,
+                   Py_ssize_t count, TerminalKeys keys not None, bytes pvv_key not None):
+    """Registered, signed on, MAC, PIN for rows 0..count-1 (kind engine); marks which replies
+    carry a MAC. Returns (bad MACs, terminals that must sign on again) counts."""
+    if len(pvv_key) != 16:
+        raise ValueError("pvv_key: expecting 16 bytes")
+    if PyList_GET_SIZE(frames) < count or wires.shape[0] < count or requests.shape[0] < count:
+        raise ValueError("check_requests: fewer frames / rows than count")
+    cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
+    cdef Request* q = <Request*>cnp.PyArray_DATA(requests)
+    cdef uint64_t k0 = int.from_bytes(pvv_key[:8], "little"), k1 = int.from_bytes(pvv_key[8:], "little")
+    cdef Py_ssize_t i, m = 0, npin = 0, bad = 0, resign = 0
+    cdef int32_t t
+    cdef object frame
+    cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (count + 1))
+    cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (count + 1))
+    cdef uint8_t* mkeys = <uint8_t*>malloc(16 * (count + 1))
+    cdef uint8_t* algs = <uint8_t*>malloc(count + 1)
+    cdef uint8_t* macs = <uint8_t*>malloc(8 * (count + 1))
+    cdef int32_t* rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
+    cdef uint8_t* pkeys = <uint8_t*>malloc(16 * (count + 1))
+    cdef uint8_t* blocks = <uint8_t*>malloc(8 * (count + 1))
+    cdef int32_t* pin_rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
+    cdef uint8_t buf[24]
+    cdef char pin[16]
+    cdef int pin_len, j
+    if not (data and length and mkeys and algs and macs and rows and pkeys and blocks and pin_rows):
+        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows); free(pkeys); free(blocks); free(pin_rows)
+        raise MemoryError()
+    try:
+        # 1. registered, signed on; gather the MACs to verify
+        for i in range(count):
+            if w[i].flags & WF_NO_REPLY:
+                continue
+            t = w[i].terminal_index
+            if t < 0 or t >= keys.count:
+                if w[i].kind == WK_ENGINE:
+                    q[i].pre_code = RC_97
+                continue
+            if not keys._signed_on[t]:
+                if w[i].kind == WK_ENGINE:
+                    q[i].pre_code = RC_77
+                    w[i].flags |= WF_RESIGN
+                continue
+            w[i].flags |= WF_MAC_REPLY
+            if w[i].kind != WK_ENGINE:
+                continue
+            if w[i].mac_offset == 0:
+                q[i].pre_code = RC_A0
+                continue
+            frame = <object>PyList_GET_ITEM(frames, i)
+            data[m] = <const uint8_t*>PyBytes_AS_STRING(frame) + 11
+            length[m] = w[i].mab_len
+            memcpy(mkeys + 16 * m, keys._mac_key + 16 * t, 16)
+            algs[m] = keys._mac_alg[t]
+            rows[m] = <int32_t>i
+            m += 1
+        with nogil:
+            if m:
+                mac_many(data, length, mkeys, 16, algs, macs, m)
+            for j in range(m):
+                i = rows[j]
+                t = w[i].terminal_index
+                if memcmp(macs + 8 * j, w[i].mac, 8) != 0:
+                    q[i].pre_code = RC_A0
+                    bad += 1
+                    keys._bad_macs[t] += 1
+                    if keys._bad_macs[t] >= BAD_MACS_MAX:
+                        keys._signed_on[t] = 0        # the next message gets 77
+                        w[i].flags |= WF_RESIGN
+                        resign += 1
+                else:
+                    keys._bad_macs[t] = 0
+            # 2. PIN blocks of the rows still going ahead
+            for i in range(count):
+                if (w[i].flags & WF_PIN) and q[i].pre_code == 0 and w[i].kind == WK_ENGINE:
+                    memcpy(pkeys + 16 * npin, keys._pin_key + 16 * w[i].terminal_index, 16)
+                    memcpy(blocks + 8 * npin, w[i].pin_block, 8)
+                    pin_rows[npin] = <int32_t>i
+                    npin += 1
+            if npin:
+                tdes_ecb_many(pkeys, 16, blocks, blocks, npin, 1)
+            for j in range(npin):
+                i = pin_rows[j]
+                pin_len = pin_from_block(blocks + 8 * j, <const char*>w[i].pan, w[i].pan_len, pin)
+                if pin_len < 0:
+                    q[i].pre_code = RC_99
+                else:
+                    # the verification value the engine compares: SipHash(pvv key, pan_hash + PIN)
+                    memcpy(buf, &q[i].pan_hash, 8)
+                    memcpy(buf + 8, pin, pin_len)
+                    q[i].pin_pvv = <uint32_t>siphash24(k0, k1, buf, 8 + pin_len)
+                    q[i].flags |= REQ_PIN
+                memset(pin, 0, sizeof(pin))
+                memset(buf, 0, sizeof(buf))
+            memset(blocks, 0, 8 * (count + 1))
+            for i in range(count):
+                memset(w[i].pan, 0, sizeof(w[i].pan))
+                memset(w[i].pin_block, 0, 8)
+                w[i].pan_len = 0
+    finally:
+        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows); free(pkeys); free(blocks); free(pin_rows)
+    return bad, resign
+
+
+def sign_replies(bytearray out not None, cnp.ndarray wires not None, Py_ssize_t count, TerminalKeys keys not None):
+    """Field 64 of every reply that carries one (WF_MAC_REPLY), in one batched MAC call."""
+    if wires.shape[0] < count:
+        raise ValueError("sign_replies: fewer rows than count")
+    cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
+    cdef uint8_t* o = <uint8_t*>(<char*>out)
+    cdef Py_ssize_t i, m = 0, j, size = len(out)
+    cdef int32_t t
+    cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (count + 1))
+    cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (count + 1))
+    cdef uint8_t* mkeys = <uint8_t*>malloc(16 * (count + 1))
+    cdef uint8_t* algs = <uint8_t*>malloc(count + 1)
+    cdef uint8_t* macs = <uint8_t*>malloc(8 * (count + 1))
+    cdef int32_t* rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
+    if not (data and length and mkeys and algs and macs and rows):
+        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows)
+        raise MemoryError()
+    try:
+        with nogil:
+            for i in range(count):
+                if w[i].reply_len == 0 or w[i].reply_mac == 0:
+                    continue
+                t = w[i].terminal_index
+                if w[i].reply_mac + 8 > size:
+                    continue
+                data[m] = o + w[i].reply_mab
+                length[m] = w[i].reply_mab_len
+                memcpy(mkeys + 16 * m, keys._mac_key + 16 * t, 16)
+                algs[m] = keys._mac_alg[t]
+                rows[m] = <int32_t>i
+                m += 1
+            if m:
+                mac_many(data, length, mkeys, 16, algs, macs, m)
+            for j in range(m):
+                memcpy(o + w[rows[j]].reply_mac, macs + 8 * j, 8)
+    finally:
+        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows)
+    return m

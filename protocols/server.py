@@ -1,0 +1,619 @@
+"""The terminal server (DESIGN.md §5): asyncio (uvloop by default), one batcher, group commit.
+
+    Connection.data_received ─ framer ─► Batcher.pending ── once per loop iteration ──►
+      decode (codec) → security (registered 97, signed on 77, MAC A0, PIN 99) → management
+      messages (sign-on, echo, 0500 …) → engine + journal submit (Node.submit: in memory now,
+      durable later) → encode replies → MAC replies → held until the batch's commit is acked
+      by the writer process, then one write per connection per batch.
+
+While batch N is being fsynced by the writer process, batch N+1 is decoded and applied; its
+replies wait for its own ack (a reply never leaves before its batch is durable). Everything a
+peer can grow is bounded by protocols.limits.Limits; back-pressure stops reading.
+"""
+import asyncio
+import collections
+import datetime
+import json
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+
+from yikatong.engine import new_requests, new_results
+from yikatong.engine.layouts import Cmd, rc, rc_str
+from yikatong.ledger.journal import LedgerError
+
+from . import _codec, _des, _security
+from ._framing import Framer, FrameError
+from .limits import ServerConfig
+
+log = logging.getLogger("yikatong.server")
+
+WK_ENGINE, WK_SIGNON, WK_SIGNOFF, WK_ECHO, WK_SETTLE, WK_UPLOAD = 1, 2, 3, 4, 5, 6
+WF_MAC_REPLY, WF_RESIGN, WF_NO_REPLY = 1, 2, 4
+MAC_ALGORITHMS = {"x9.19": 0, "cups-ecb": 1}
+RC_00, RC_10 = rc("00"), rc("10")
+RES_DUPLICATE, RES_TOMBSTONE = 2, 16
+COMMIT_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000)
+BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+# 0500 totals: what each command (and each reversed original, by 60.1) adds to the terminal's
+# batch. (debit sign, credit sign) — voids and cancels take their original out again.
+TOTALS_SIGN = {Cmd.PURCHASE: (1, 0), Cmd.MED_SETTLE: (1, 0), Cmd.WITHDRAW: (1, 0), Cmd.TRANSFER: (1, 0),
+               Cmd.REFUND: (0, 1), Cmd.DEPOSIT: (0, 1), Cmd.VOID: (-1, 0), Cmd.MED_CANCEL: (-1, 0)}
+REVERSED_BY_60_1 = {22: Cmd.PURCHASE, 23: Cmd.VOID, 81: Cmd.MED_SETTLE, 82: Cmd.MED_CANCEL,
+                    91: Cmd.DEPOSIT, 92: Cmd.WITHDRAW, 93: Cmd.TRANSFER}
+
+
+class Metrics:
+    """Counters for the Prometheus text endpoint. Updated per batch (numpy), never per message."""
+
+    def __init__(self):
+        self.messages = collections.Counter()        # (kind, code) → count
+        self.batch_sizes = np.zeros(len(BATCH_BUCKETS) + 1, np.int64)
+        self.commit_ms = np.zeros(len(COMMIT_BUCKETS_MS) + 1, np.int64)
+        self.commit_ms_sum = 0.0
+        self.connections = 0
+        self.connections_total = 0
+        self.backpressure_events = 0
+        self.frame_errors = 0
+        self.batches = 0
+
+    def render(self) -> str:
+        lines = ["# HELP yikatong_messages_total Messages answered, by message kind and response code.",
+                 "# TYPE yikatong_messages_total counter"]
+        for (kind, code), n in sorted(self.messages.items()):
+            lines.append(f'yikatong_messages_total{{kind="{kind}",code="{code}"}} {n}')
+        for name, buckets, counts, total, help_ in (
+                ("yikatong_batch_size", BATCH_BUCKETS, self.batch_sizes, None, "Messages per engine batch."),
+                ("yikatong_commit_latency_ms", COMMIT_BUCKETS_MS, self.commit_ms, self.commit_ms_sum,
+                 "Submit to durable acknowledgement of a batch, milliseconds.")):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+            cumulative = np.cumsum(counts)
+            for le, c in zip(buckets, cumulative[:-1]):
+                lines.append(f'{name}_bucket{{le="{le}"}} {int(c)}')
+            lines.append(f'{name}_bucket{{le="+Inf"}} {int(cumulative[-1])}')
+            lines.append(f"{name}_count {int(cumulative[-1])}")
+            if total is not None:
+                lines.append(f"{name}_sum {total:.3f}")
+        for name, value, kind, help_ in (
+                ("yikatong_connections", self.connections, "gauge", "Open terminal connections."),
+                ("yikatong_connections_total", self.connections_total, "counter", "Connections accepted."),
+                ("yikatong_backpressure_events_total", self.backpressure_events, "counter",
+                 "Times reading from a connection was paused."),
+                ("yikatong_frame_errors_total", self.frame_errors, "counter",
+                 "Connections closed because their stream could not be framed."),
+                ("yikatong_batches_total", self.batches, "counter", "Engine batches applied.")):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+CMD_NAMES = {v: k.lower() for k, v in vars(Cmd).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+class Terminals:
+    """The terminal registry's live side: session keys (TerminalKeys, in memory only), master
+    keys, current batch numbers (terminals.json in the data directory, written durably at each
+    batch settlement) and the open batch's totals for 0500."""
+
+    def __init__(self, node, config):
+        self.specs = config.terminals
+        self.keys = _security.TerminalKeys(np.array([MAC_ALGORITHMS[t.mac_algorithm] for t in self.specs], np.uint8))
+        self.tmk = [bytes.fromhex(t.tmk_hex) if t.tmk_hex else None for t in self.specs]
+        self.path = os.path.join(node.data_dir, "terminals.json")
+        count = len(self.specs)
+        self.batch_no = np.ones(count, np.int64)
+        if os.path.exists(self.path):
+            saved = json.load(open(self.path))
+            for i, t in enumerate(self.specs):
+                self.batch_no[i] = saved.get(t.terminal_id, 1)
+        self.debit_fen = np.zeros(count, np.int64)
+        self.debit_count = np.zeros(count, np.int64)
+        self.credit_fen = np.zeros(count, np.int64)
+        self.credit_count = np.zeros(count, np.int64)
+
+    def save(self):
+        from yikatong.ledger.node import _write_durably
+        _write_durably(self.path, json.dumps({t.terminal_id: int(b) for t, b in zip(self.specs, self.batch_no)}).encode())
+
+    def count_batch(self, requests, results, wires):
+        """Add a batch's approved, first-time effects to the terminals' open-batch totals."""
+        ok = ((results["code"] == RC_00) | (results["code"] == RC_10)) & ((results["outcome_flags"] & RES_DUPLICATE) == 0)
+        t = requests["terminal_index"]
+        ok &= (t >= 0) & (requests["batch_no"] == self.batch_no[np.maximum(t, 0)])
+        if not ok.any():
+            return
+        cmd = requests["cmd"].astype(np.int64)
+        sign = np.ones(len(cmd), np.int64)
+        rev = cmd == Cmd.REVERSAL
+        if rev.any():
+            orig = np.zeros(len(cmd), np.int64)
+            for f60_1, c in REVERSED_BY_60_1.items():
+                orig[wires["f60_1"] == f60_1] = c
+            cmd = np.where(rev, orig, cmd)
+            sign = np.where(rev, -1, 1)
+            ok &= ~(rev & ((results["outcome_flags"] & RES_TOMBSTONE) != 0))
+        amount = requests["amount_fen"]
+        for c, (d, cr) in TOTALS_SIGN.items():
+            m = ok & (cmd == c)
+            if not m.any():
+                continue
+            s = sign[m]
+            if d:
+                np.add.at(self.debit_fen, t[m], d * s * amount[m])
+                np.add.at(self.debit_count, t[m], d * s)
+            if cr:
+                np.add.at(self.credit_fen, t[m], cr * s * amount[m])
+                np.add.at(self.credit_count, t[m], cr * s)
+
+
+class Batch:
+    __slots__ = ("ticket", "out", "runs", "extra", "submitted_at", "count")
+
+    def __init__(self, ticket, out, runs, extra, count):
+        self.ticket, self.out, self.runs, self.extra, self.count = ticket, out, runs, extra, count
+        self.submitted_at = time.perf_counter()
+
+
+class Connection(asyncio.Protocol):
+    """Frames bytes and queues whole frames; nothing else happens in the callbacks."""
+
+    def __init__(self, server):
+        self.server = server
+        self.framer = Framer(server.limits.frame_bytes_max)
+        self.transport = None
+        self.inflight = 0
+        self.paused_reading = False
+        self.paused_writing = False
+        self.closed = False
+        self.last_frame_at = time.monotonic()
+        self.partial_since = None
+        self.peer = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        s = self.server
+        if len(s.connections) >= s.limits.connections_max or s.draining:
+            log.warning("connection refused", extra={"event": "connection_refused", "connections": len(s.connections)})
+            transport.abort()
+            self.closed = True
+            return
+        transport.set_write_buffer_limits(high=s.limits.write_buffer_high_bytes)
+        s.connections.add(self)
+        s.metrics.connections = len(s.connections)
+        s.metrics.connections_total += 1
+
+    def data_received(self, data):
+        if self.closed:
+            return
+        try:
+            frames = self.framer.feed(data)
+        except FrameError as e:
+            # an unframeable stream: this connection only
+            log.warning("frame error, closing the connection", extra={"event": "frame_error", "detail": str(e)})
+            self.server.metrics.frame_errors += 1
+            self.close()
+            return
+        now = time.monotonic()
+        if frames:
+            self.last_frame_at = now
+            self.inflight += len(frames)
+            self.server.enqueue(self, frames)
+        self.partial_since = (self.partial_since or now) if self.framer.pending_bytes else None
+        self._update_reading()
+
+    def _update_reading(self):
+        want_pause = self.inflight >= self.server.limits.inflight_per_connection_max or self.paused_writing
+        if want_pause and not self.paused_reading and not self.closed:
+            self.transport.pause_reading()
+            self.paused_reading = True
+            self.server.metrics.backpressure_events += 1
+        elif not want_pause and self.paused_reading and not self.closed:
+            self.transport.resume_reading()
+            self.paused_reading = False
+
+    def pause_writing(self):
+        self.paused_writing = True
+        self._update_reading()
+
+    def resume_writing(self):
+        self.paused_writing = False
+        self._update_reading()
+
+    def replied(self, count):
+        self.inflight -= count
+        self._update_reading()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.server.connections.discard(self)
+        self.server.metrics.connections = len(self.server.connections)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        self.server.metrics.connections = len(self.server.connections)
+
+
+class Server:
+    def __init__(self, node, card_keys, config: ServerConfig):
+        self.node = node
+        self.config = config
+        self.limits = config.limits
+        self.card_keys = card_keys
+        cfg = node.engine.config
+        self.codec = _codec.Codec([t.terminal_id for t in cfg.terminals], [i.code for i in cfg.institutions],
+                                  card_keys.pan_key, cfg.institution_id)
+        self.institution_id = cfg.institution_id
+        self.terminals = Terminals(node, cfg)
+        self.metrics = Metrics()
+        self.connections = set()
+        self.pending_frames = []
+        self.pending_runs = []            # [connection, frame count] in arrival order
+        self.inflight = collections.deque()
+        self.flush_scheduled = False
+        self.draining = False
+        self.failed = None
+        self.loop = None
+        self.tcp_server = None
+        self.metrics_server = None
+        self.stopped = None
+        self._ack_fd = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self, host: str, port: int):
+        self.loop = asyncio.get_running_loop()
+        self.stopped = self.loop.create_future()
+        self._ack_fd = self.node.journal._fd_in
+        self.loop.add_reader(self._ack_fd, self._on_ack)
+        self.tcp_server = await self.loop.create_server(lambda: Connection(self), host, port,
+                                                        backlog=1024, reuse_address=True)
+        sock = self.tcp_server.sockets[0].getsockname()
+        self.loop.call_later(1.0, self._sweep)
+        return sock[0], sock[1]
+
+    async def start_metrics(self, port: int):
+        async def handle(reader, writer):
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                body = self.metrics.render().encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+                await writer.drain()
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+                pass
+            finally:
+                writer.close()
+        self.metrics_server = await asyncio.start_server(handle, "127.0.0.1", max(port, 0))
+        return self.metrics_server.sockets[0].getsockname()[1]
+
+    def _sweep(self):
+        """Idle connections and partial frames that never complete are closed (bounded time)."""
+        if self.stopped.done():
+            return
+        now = time.monotonic()
+        idle_s = self.limits.idle_timeout_ms / 1000
+        partial_s = self.limits.partial_frame_timeout_ms / 1000
+        for c in list(self.connections):
+            if c.partial_since is not None and now - c.partial_since > partial_s:
+                log.warning("partial frame timed out, closing", extra={"event": "partial_frame_timeout"})
+                c.close()
+            elif c.inflight == 0 and now - c.last_frame_at > idle_s:
+                log.info("idle connection closed", extra={"event": "idle_timeout"})
+                c.close()
+        self._maybe_cutover()
+        self.loop.call_later(min(1.0, partial_s / 4), self._sweep)
+
+    def _maybe_cutover(self):
+        """日切 at the configured local time: between batches, with nothing in flight."""
+        at = self.config.server.cutover_time
+        if not at or self.inflight:
+            return
+        now = datetime.datetime.now()
+        hh, mm = (int(x) for x in at.split(":"))
+        today = now.year * 10000 + now.month * 100 + now.day
+        if (now.hour, now.minute) >= (hh, mm) and self.node.business_date < today:
+            self.node.cutover(today)
+            log.info("daily cutover (日切)", extra={"event": "cutover", "business_date": today})
+
+    async def drain(self):
+        """SIGTERM: stop accepting, answer everything read so far once durable, close."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"event": "drain_start", "connections": len(self.connections)})
+        self.tcp_server.close()
+        for c in list(self.connections):
+            if not c.closed:
+                c.transport.pause_reading()
+        deadline = time.monotonic() + self.limits.drain_timeout_ms / 1000
+        while (self.pending_frames or self.inflight) and time.monotonic() < deadline and not self.failed:
+            if self.pending_frames and not self.flush_scheduled:
+                self._schedule_flush()
+            await asyncio.sleep(0.001)
+        for c in list(self.connections):
+            if not c.closed and c.transport.get_write_buffer_size():
+                await asyncio.sleep(0.01)
+            c.close()
+        self._finish(0 if not (self.pending_frames or self.inflight) else 1)
+
+    def _finish(self, code):
+        if self._ack_fd is not None:
+            self.loop.remove_reader(self._ack_fd)
+            self._ack_fd = None
+        if self.metrics_server:
+            self.metrics_server.close()
+        if not self.stopped.done():
+            self.stopped.set_result(code)
+
+    def _fail(self, reason):
+        """Fail-stop: a commit failed; nothing after it is acknowledged."""
+        self.failed = reason
+        log.error("commit failed: the server stops (fail-stop); restart it to recover from the journal",
+                  extra={"event": "fail_stop", "detail": reason})
+        self.tcp_server.close()
+        for c in list(self.connections):
+            c.transport.abort()
+        self.inflight.clear()
+        self.pending_frames.clear()
+        self._finish(2)
+
+    # ---- the batcher -----------------------------------------------------------------------
+    def enqueue(self, conn, frames):
+        self.pending_frames += frames
+        self.pending_runs.append([conn, len(frames)])
+        if not self.flush_scheduled:
+            self._schedule_flush()
+
+    def _schedule_flush(self):
+        self.flush_scheduled = True
+        self.loop.call_soon(self._flush)
+
+    def _flush(self):
+        self.flush_scheduled = False
+        if self.failed or not self.pending_frames:
+            return
+        if len(self.inflight) >= self.limits.batches_in_flight_max:
+            return                     # the next ack flushes
+        n = min(len(self.pending_frames), self.limits.batch_size_max)
+        frames = self.pending_frames[:n]
+        del self.pending_frames[:n]
+        runs, left = [], n
+        while left:
+            conn, k = self.pending_runs[0]
+            take = min(k, left)
+            runs.append((conn, take))
+            left -= take
+            if take == k:
+                self.pending_runs.pop(0)
+            else:
+                self.pending_runs[0][1] = k - take
+        try:
+            self._process(frames, runs)
+        except LedgerError as e:
+            self._fail(str(e))
+            return
+        if self.pending_frames and not self.flush_scheduled:
+            self._schedule_flush()
+
+    def _process(self, frames, runs):
+        n = len(frames)
+        requests = new_requests(n)
+        wires = np.zeros(n, _codec.WIRE_DTYPE)
+        self.codec.decode_batch(frames, requests, wires)
+        _security.check_requests(frames, wires, requests, n, self.terminals.keys, self.card_keys.pvv_key)
+        kind = wires["kind"]
+        extra = []
+        managed = np.flatnonzero(kind >= WK_SIGNON)
+        for i in managed:
+            reply = self._manage(frames[i], wires[i])
+            if reply is not None:
+                extra.append((int(i), reply))
+        engine_rows = np.flatnonzero(kind == WK_ENGINE)
+        results = new_results(n)
+        ticket = None
+        if len(engine_rows):
+            sub = requests[engine_rows] if len(engine_rows) != n else requests
+            ticket, sub_results = self.node.submit(sub)
+            results[engine_rows] = sub_results
+            self.terminals.count_batch(sub, sub_results, wires[engine_rows])
+            self.metrics.batches += 1
+            self.metrics.batch_sizes[np.searchsorted(BATCH_BUCKETS, len(engine_rows))] += 1
+            cmds, codes = sub["cmd"], sub_results["code"]
+            pairs, counts = np.unique(cmds.astype(np.uint32) << 16 | codes, return_counts=True)
+            for p, c in zip(pairs.tolist(), counts.tolist()):
+                self.metrics.messages[(CMD_NAMES.get(p >> 16, str(p >> 16)), rc_str(p & 0xFFFF))] += c
+        invalid = kind == 0
+        if invalid.any():
+            self._log_rejects(wires, requests, np.flatnonzero(invalid))
+        out = bytearray(n * _codec.REPLY_BYTES_MAX)
+        now = datetime.datetime.now()
+        self.codec.encode_replies(wires, requests, results, n, out, self.node.business_date,
+                                  now.hour * 10000 + now.minute * 100 + now.second, now.month * 100 + now.day)
+        _security.sign_replies(out, wires, n, self.terminals.keys)
+        cum = np.zeros(n + 1, np.int64)
+        np.cumsum(wires["reply_len"], out=cum[1:])
+        byte_runs, row = [], 0
+        for conn, k in runs:
+            byte_runs.append((conn, int(cum[row]), int(cum[row + k]), k))
+            row += k
+        extra_by_conn = []
+        if extra:
+            owner = np.repeat(np.arange(len(runs)), [k for _, k in runs])
+            extra_by_conn = [(runs[owner[i]][0], reply) for i, reply in extra]
+        batch = Batch(ticket, out, byte_runs, extra_by_conn, n)
+        if ticket is None and not self.inflight:
+            self._deliver(batch)
+        else:
+            self.inflight.append(batch)
+
+    def _log_rejects(self, wires, requests, rows):
+        for i in rows[:16]:                        # bounded: a flood of garbage is one line per frame up to 16
+            log.warning("format error", extra={
+                "event": "format_error", "code": rc_str(int(requests["pre_code"][i])),
+                "terminal": wires["tid"][i].decode("ascii", "replace"), "stan": int(wires["stan"][i]),
+                "detail": _codec.describe_error(wires[i])})
+
+    def _on_ack(self):
+        """The writer process acknowledged a commit (add_reader on its pipe)."""
+        journal = self.node.journal
+        try:
+            journal._read_ack(journal.acked_batch_no + 1)
+        except LedgerError as e:
+            self._fail(str(e))
+            return
+        except Exception as e:            # the pipe closed: the writer is gone
+            self._fail(f"writer process: {e}")
+            return
+        acked = journal.acked_batch_no
+        while self.inflight and (self.inflight[0].ticket is None or self.inflight[0].ticket <= acked):
+            batch = self.inflight.popleft()
+            if batch.ticket is not None:
+                ms = (time.perf_counter() - batch.submitted_at) * 1000
+                self.metrics.commit_ms[np.searchsorted(COMMIT_BUCKETS_MS, ms)] += 1
+                self.metrics.commit_ms_sum += ms
+            self._deliver(batch)
+        if not self.inflight and journal.last_seq - self.node.checkpoint_seq >= self.node.settings.checkpoint_every_records:
+            self.node.checkpoint(background=True)
+        if self.pending_frames and not self.flush_scheduled:
+            self._schedule_flush()
+
+    def _deliver(self, batch):
+        """One write per connection run (replies are gathered), then the management replies."""
+        view = memoryview(batch.out)
+        for conn, a, b, k in batch.runs:
+            if not conn.closed:
+                if b > a:
+                    conn.transport.write(view[a:b])
+                conn.replied(k)
+        for conn, reply in batch.extra:
+            if not conn.closed:
+                conn.transport.write(reply)
+        view.release()
+
+    # ---- network management and batch settlement (rare: Python per message) ----------------
+    def _manage(self, frame: bytes, w) -> bytes | None:
+        if w["flags"] & WF_NO_REPLY:
+            return None
+        kind = int(w["kind"])
+        t = int(w["terminal_index"])
+        try:
+            fields = _codec.decode_fields(frame)
+        except _codec.DecodeError:
+            return None
+        reply = {"tpdu": bytes([frame[0], frame[3], frame[4], frame[1], frame[2]]), "header": frame[5:11],
+                 "t": "%04d" % (int(w["mti"]) + 10)}
+        for f in ("11", "41", "42", "60"):
+            if f in fields:
+                reply[f] = fields[f]
+        now = datetime.datetime.now()
+        reply["12"], reply["13"] = now.strftime("%H%M%S"), now.strftime("%m%d")
+        reply["15"] = "%04d" % (self.node.business_date % 10000)
+        reply["32"] = self.institution_id
+        keys = self.terminals.keys
+        if t < 0:
+            reply["39"] = "97"
+            return self._frame(reply, None)
+        if kind == WK_SIGNON:
+            tmk = self.terminals.tmk[t]
+            if tmk is None:
+                reply["39"] = "96"
+                return self._frame(reply, None)
+            pin_key, mac_key = os.urandom(16), os.urandom(16)
+            reply["62"] = (_des.tdes_ecb(tmk, pin_key) + _des.check_value(pin_key)
+                           + _des.tdes_ecb(tmk, mac_key) + _des.check_value(mac_key))
+            keys.sign_on(t, pin_key, mac_key)
+            reply["60"] = "00%06d003" % self.terminals.batch_no[t]
+            reply["39"] = "00"
+            log.info("sign-on", extra={"event": "sign_on", "terminal": self.terminals.specs[t].terminal_id})
+            return self._frame(reply, None)
+        if not keys.signed_on[t]:
+            reply["39"] = "77"
+            h = bytearray(reply["header"])
+            h[2] = (h[2] & 0xF0) | 0x03
+            reply["header"] = bytes(h)
+            return self._frame(reply, None)
+        mac_key = bytes(keys.mac_key[t])
+        alg = self.terminals.specs[t].mac_algorithm
+        mab = frame[11:11 + int(w["mab_len"])]
+        if "64" not in fields or self._mac(alg, mac_key, mab) != fields["64"]:
+            reply["39"] = "A0"
+            return self._frame(reply, (alg, mac_key))
+        reply["39"] = "00"
+        if kind == WK_SIGNOFF:
+            keys.sign_off(t)
+        elif kind == WK_SETTLE:
+            reply["48"] = self._settle(t, fields.get("48", ""))
+            reply["60"] = fields["60"][:2] + "%06d" % self.terminals.batch_no[t] + fields["60"][8:]
+        elif kind == WK_UPLOAD:
+            pass                           # details are acknowledged; the ledger is the record (对账)
+        return self._frame(reply, (alg, mac_key))
+
+    def _settle(self, t: int, f48: str) -> str:
+        """0500: compare the terminal's totals with the ledger's, reply with the result digit and
+        open a new batch (PROTOCOL.md §3.4)."""
+        T = self.terminals
+        ours = "%012d%03d%012d%03d" % (T.debit_fen[t], T.debit_count[t] % 1000, T.credit_fen[t], T.credit_count[t] % 1000)
+        theirs = f48[:30]
+        result = "1" if theirs == ours else "2"
+        log.info("batch settlement (批结算)", extra={"event": "batch_settle", "terminal": T.specs[t].terminal_id,
+                                                   "batch": int(T.batch_no[t]), "balanced": result == "1"})
+        T.batch_no[t] = T.batch_no[t] % 999999 + 1
+        T.debit_fen[t] = T.debit_count[t] = T.credit_fen[t] = T.credit_count[t] = 0
+        T.save()
+        return ours + result + "0" * 30 + "0"
+
+    @staticmethod
+    def _mac(alg, key, mab):
+        return _des.mac_x919(key, mab) if alg == "x9.19" else _des.mac_cups_ecb(key, mab)
+
+    def _frame(self, reply: dict, mac) -> bytes:
+        if mac is not None:
+            reply["64"] = bytes(8)
+        body = _codec.encode_fields(reply)
+        if mac is not None:
+            body = body[:-8] + self._mac(mac[0], mac[1], body[11:-8])
+        return len(body).to_bytes(2, "big") + body
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the event's fields. Callers
+    never pass card data (rule 6): terminals, STANs, codes and field numbers only."""
+    STANDARD = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record):
+        out = {"ts": datetime.datetime.fromtimestamp(record.created).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in self.STANDARD and k not in out:
+                out[k] = v
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def serve(node, card_keys, config: ServerConfig, announce=print) -> int:
+    """Run the server until SIGTERM / SIGINT (drain, exit 0) or a failed commit (exit 2)."""
+    if config.server.loop == "uvloop":
+        import uvloop
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+
+    async def main():
+        server = Server(node, card_keys, config)
+        host, port = await server.start(config.server.host, config.server.port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+        if config.server.metrics_port:
+            mport = await server.start_metrics(config.server.metrics_port)
+            announce(f"metrics on 127.0.0.1:{mport}")
+        announce(f"listening on {host}:{port}")
+        log.info("listening", extra={"event": "listening", "host": host, "port": port,
+                                     "loop": config.server.loop})
+        return await server.stopped
+
+    return runner(main())
