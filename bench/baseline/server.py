@@ -76,7 +76,7 @@ TERMINALS = {
     "T0000005": ("B11000000000001", "x9.19"),
     "T0000006": ("M11000000000001", "x9.19"),
     "T0000007": ("H11000000000001", "cups-ecb"),
-    **{f"T1{i:07d}": ("H11000000000001", "x9.19") for i in range(256)},
+    **{f"T1{i:06d}": ("H11000000000001", "x9.19") for i in range(256)},
 }
 # PAN: (region, retired, insurance_fen, financial_fen, state, social PIN or None)
 NAMED_CARDS = {
