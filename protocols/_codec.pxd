@@ -81,3 +81,14 @@ ctypedef struct Wire:
     uint8_t pin_block[8]         # field 52 (transient: zeroed by the PIN stage)
     uint8_t pan[19]              # PAN digits, ASCII (transient: zeroed by the PIN stage)
     uint8_t reserved0[8]
+
+# Where a field sits in a frame body (parse_fields fills one per field present).
+ctypedef struct Loc:
+    uint16_t off              # first byte of the data (after the length prefix)
+    uint16_t nbytes
+    uint16_t units            # digits (n, z) or bytes
+    uint8_t nib0              # nibble index of the first digit: 1 for a right-aligned odd field
+
+# Locate and validate every field of a frame body (TPDU onward): 0, or -1 with w.err_* set.
+# w.present gets a bit per field found. Used by the codec and by the load generator's reply scan.
+cdef int parse_fields(const uint8_t* b, Py_ssize_t n, Loc* loc, Wire* w) noexcept nogil

@@ -64,12 +64,6 @@ ctypedef struct FieldSpec:
     uint8_t prefix_bytes      # 0 fixed, 1 LL, 2 LLL
     uint16_t units            # fixed length or maximum (digits for n/z, bytes otherwise)
 
-ctypedef struct Loc:
-    uint16_t off              # first byte of the data (after the length prefix)
-    uint16_t nbytes
-    uint16_t units            # digits (n, z) or bytes
-    uint8_t nib0              # nibble index of the first digit: 1 for a right-aligned odd field
-
 cdef FieldSpec SPEC[65]
 cdef int COMMON_FIELDS[4]
 COMMON_FIELDS[:] = [11, 41, 42, 60]            # every message (PROTOCOL.md §3)
@@ -1106,6 +1100,16 @@ def encode_fields(dict fields not None) -> bytes:
     for part in parts:
         body += part
     return bytes(body)
+
+
+def field_offsets(bytes frame not None) -> dict:
+    """{field: (offset of its data in the body, bytes)} of a valid frame body (templates)."""
+    cdef Loc loc[65]
+    cdef Wire w
+    memset(&w, 0, sizeof(Wire))
+    if parse_fields(<const uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), loc, &w) < 0:
+        raise DecodeError(w.err_field, w.err_offset, w.err_what, None if w.err_found == -1 else w.err_found)
+    return {f: (loc[f].off, loc[f].nbytes) for f in range(2, 65) if has(&w, f)}
 
 
 def _offsets_wire():

@@ -1,0 +1,371 @@
+"""`yikatong load`: a load generator on the Cython codec (protocols/_client.pyx).
+
+Signs on every terminal it uses (T1000000 … of DEMO.md), then drives C connections, each
+pipelining up to K requests of one terminal: a mix of medical settlements (81),
+pre-settlements (83) and PIN-verified balance inquiries on the generated cards. Every request
+is MACed and every reply's MAC checked (batched: Python runs per chunk, not per message).
+
+Closed loop (default): a reply frees a slot for the next request. Open loop (`--rate R`):
+requests are scheduled at R per second whatever the replies do, and a request's latency runs
+from when it was *scheduled*, so queueing in the client (a full window) is counted, not hidden.
+
+At the end: offered and accepted throughput, latency p50/p99/p999/max, counts by response
+code, MAC failures, and the ledger check — each terminal settles its batch (0500) with the
+totals it was told (result digit 1 = the server's totals agree), and with `--data` every
+approval received is looked up in the journal by RRN and amount.
+"""
+import asyncio
+import collections
+import socket
+import time
+
+import numpy as np
+
+from yikatong.engine.demo import DEMO_TMK_HEX, GENERATED_TERMINALS, generated_pans
+from yikatong.protocols import _client, _codec, _des
+from yikatong.protocols._framing import Framer
+
+from .progress import Progress
+
+RING = 1 << 16                      # per-connection STAN ring for send times (≥ the window)
+LOAD_INSTITUTION = "H11000000000001"
+MAC_ALGORITHMS = {"x9.19": 0, "cups-ecb": 1}
+
+
+def _frame(fields: dict) -> bytes:
+    body = _codec.encode_fields(fields)
+    return len(body).to_bytes(2, "big") + body
+
+
+async def _request(reader, writer, frame: bytes) -> dict:
+    writer.write(frame)
+    head = await reader.readexactly(2)
+    body = await reader.readexactly(int.from_bytes(head, "big"))
+    return _codec.decode_fields(body)
+
+
+class TerminalSession:
+    def __init__(self, tid, mac_alg):
+        self.tid, self.mac_alg = tid, mac_alg
+        self.pin_key = self.mac_key = None
+        self.batch_no = 1
+        self.stan = 0
+        self.debit_fen = 0
+        self.debit_count = 0
+
+
+async def sign_on(host, port, session: TerminalSession, tmk: bytes):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        reply = await _request(reader, writer, _frame({
+            "t": "0800", "11": "%06d" % 999999, "41": session.tid, "42": LOAD_INSTITUTION,
+            "60": "00000001003"}))
+        if reply.get("39") != "00":
+            raise RuntimeError(f"sign-on of {session.tid}: response {reply.get('39')}")
+        keys = reply["62"]
+        pin_key = _des.tdes_ecb(tmk, keys[0:16], decrypt=True)
+        mac_key = _des.tdes_ecb(tmk, keys[20:36], decrypt=True)
+        if _des.check_value(pin_key) != keys[16:20] or _des.check_value(mac_key) != keys[36:40]:
+            raise RuntimeError(f"sign-on of {session.tid}: key check values do not match")
+        session.pin_key, session.mac_key = pin_key, mac_key
+        session.batch_no = int(reply["60"][2:8])
+    finally:
+        writer.close()
+
+
+async def settle(host, port, session: TerminalSession) -> str:
+    """0500 with the totals this run was told: the reply's result digit says whether the
+    server's ledger agrees (1) or not (2); it also opens a new batch for the next run."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        fields = {"t": "0500", "11": "%06d" % 999998, "41": session.tid, "42": LOAD_INSTITUTION,
+                  "48": "%012d%03d%012d%03d0" % (session.debit_fen, session.debit_count % 1000, 0, 0) + "0" * 31,
+                  "60": "00%06d201" % session.batch_no, "64": bytes(8)}
+        body = _codec.encode_fields(fields)
+        mac = (_des.mac_x919 if session.mac_alg == "x9.19" else _des.mac_cups_ecb)(session.mac_key, body[11:-8])
+        body = body[:-8] + mac
+        writer.write(len(body).to_bytes(2, "big") + body)
+        head = await reader.readexactly(2)
+        reply = _codec.decode_fields(await reader.readexactly(int.from_bytes(head, "big")))
+        return reply.get("48", "")[30:31] if reply.get("39") == "00" else "x" + reply.get("39", "?")
+    finally:
+        writer.close()
+
+
+class LoadConnection(asyncio.Protocol):
+    def __init__(self, run, session: TerminalSession, stan_base: int, stan_step: int):
+        self.run = run
+        self.session = session
+        self.factory = _client.RequestFactory(session.tid, LOAD_INSTITUTION, session.batch_no, run.pans,
+                                              session.mac_key, session.pin_key, MAC_ALGORITHMS[session.mac_alg])
+        self.framer = Framer(4096)
+        self.transport = None
+        self.send_time = np.zeros(RING, np.float64)
+        self.sent_kind = np.zeros(RING, np.uint8)
+        self.stan_next = stan_base
+        self.stan_step = stan_step
+        self.inflight = 0
+        self.backlog_times = collections.deque()     # open loop: scheduled, not yet sent (chunks)
+        self.replies = np.zeros(4096, _client.REPLY_DTYPE)
+        self.out = bytearray(run.window * self.factory.frame_bytes_max())
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, count: int, scheduled=None):
+        count = min(count, self.run.window - self.inflight, self.run.remaining())
+        if count <= 0:
+            return 0
+        rng = self.run.rng
+        kinds = rng.choice(3, size=count, p=self.run.mix).astype(np.uint8)
+        stans = (self.stan_next + self.stan_step * np.arange(count, dtype=np.int64)) % 999999 + 1
+        self.stan_next += self.stan_step * count
+        cards = rng.integers(0, len(self.run.pans), size=count, dtype=np.int64)
+        amounts = rng.integers(100, 20000, size=count, dtype=np.int64)
+        used = self.factory.build(kinds, stans.astype(np.uint32), cards, amounts, self.out)
+        self.send_time[stans & (RING - 1)] = time.perf_counter() if scheduled is None else scheduled[:count]
+        self.sent_kind[stans & (RING - 1)] = kinds
+        self.transport.write(memoryview(self.out)[:used])
+        self.inflight += count
+        self.run.sent += count
+        return count
+
+    def data_received(self, data):
+        frames = self.framer.feed(data)
+        n = len(frames)
+        if not n:
+            return
+        now = time.perf_counter()
+        if n > len(self.replies):
+            self.replies = np.zeros(n, _client.REPLY_DTYPE)
+        undecodable = _client.scan_replies(frames, self.session.mac_key, MAC_ALGORITHMS[self.session.mac_alg], self.replies)
+        r = self.replies[:n]
+        self.inflight -= n
+        slot = r["stan"] & (RING - 1)
+        self.run.record(r, now - self.send_time[slot], self.sent_kind[slot], undecodable, self.session)
+        if self.run.open_loop:
+            self._send_backlog()
+        elif not self.run.stopping:
+            self.send(n)
+        if self.run.done():
+            self.run.finished.set()
+
+    def _send_backlog(self):
+        while self.backlog_times and self.inflight < self.run.window:
+            times = self.backlog_times[0]
+            sent = self.send(len(times), times)
+            if sent == 0:
+                break
+            if sent == len(times):
+                self.backlog_times.popleft()
+            else:
+                self.backlog_times[0] = times[sent:]
+
+    def connection_lost(self, exc):
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        if not self.run.closing:
+            self.run.lost += 1
+        self.run.finished.set()
+
+
+class LoadRun:
+    def __init__(self, args):
+        self.args = args
+        self.count = args.count
+        self.duration_s = args.duration
+        self.window = args.pipeline
+        self.open_loop = args.rate > 0
+        mix = dict(item.split("=") for item in args.mix.split(","))
+        weights = np.array([float(mix.get("med", 0)), float(mix.get("pre", 0)), float(mix.get("bal", 0))])
+        self.mix = weights / weights.sum()
+        self.rng = np.random.default_rng(args.seed)
+        self.pans = generated_pans(0, args.cards)
+        self.sent = 0
+        self.received = 0
+        self.mac_bad = 0
+        self.undecodable = 0
+        self.lost = 0
+        self.codes = collections.Counter()
+        self.latencies = []
+        self.approved_rrn = []
+        self.approved_amount = []
+        self.stopping = False
+        self.closing = False
+        self.finished = asyncio.Event()
+        self.started = None
+        self.progress = None
+
+    def remaining(self) -> int:
+        if self.stopping:
+            return 0
+        if self.count:
+            return self.count - self.sent
+        return 1 << 30
+
+    def done(self) -> bool:
+        if self.count:
+            return self.received >= self.count
+        return self.stopping and all(c.inflight == 0 for c in self.connections)
+
+    def record(self, replies, latency_s, kinds, undecodable, session):
+        n = len(replies)
+        self.received += n
+        self.undecodable += undecodable
+        ok = replies["decoded"] == 1
+        self.mac_bad += int(np.count_nonzero(ok & (replies["mac_ok"] == 0)))
+        self.latencies.append(latency_s.astype(np.float32))
+        codes, counts = np.unique(replies["code"][ok], return_counts=True)
+        for c, k in zip(codes.tolist(), counts.tolist()):
+            self.codes[c.decode("ascii", "replace")] += k
+        # approvals that moved money: medical settlements (81) answered 00 or 10
+        approved = ok & (kinds == _client.KIND_MED) & ((replies["code"] == b"00") | (replies["code"] == b"10"))
+        if approved.any():
+            self.approved_rrn.append(replies["rrn"][approved].copy())
+            self.approved_amount.append(replies["amount_fen"][approved].copy())
+            session.debit_fen += int(replies["amount_fen"][approved].sum())
+            session.debit_count += int(np.count_nonzero(approved))
+        if self.progress:
+            self.progress.update(n)
+
+
+def _percentiles(lat_ms):
+    if not len(lat_ms):
+        return {}
+    q = np.percentile(lat_ms, [50, 99, 99.9])
+    return {"p50": q[0], "p99": q[1], "p999": q[2], "max": float(lat_ms.max())}
+
+
+async def run_load(args, announce=print) -> dict:
+    tmk = bytes.fromhex(DEMO_TMK_HEX)
+    run = LoadRun(args)
+    terminals = [TerminalSession(tid, "x9.19") for tid in GENERATED_TERMINALS[:args.terminals]]
+    await asyncio.gather(*(sign_on(args.host, args.port, s, tmk) for s in terminals))
+    loop = asyncio.get_running_loop()
+    run.connections = []
+    per_terminal = collections.Counter()
+    plan = []
+    for c in range(args.connections):
+        s = terminals[c % len(terminals)]
+        plan.append((s, per_terminal[s.tid]))
+        per_terminal[s.tid] += 1
+    for s, j in plan:
+        # connections sharing a terminal interleave their STANs: the duplicate key (41 + 11 + 60.2 + 13) stays unique
+        _, conn = await loop.create_connection(
+            lambda s=s, j=j: LoadConnection(run, s, j, per_terminal[s.tid]), args.host, args.port)
+        run.connections.append(conn)
+    total = args.count or int(args.duration * (args.rate or 100_000))
+    run.progress = Progress(total, "load", unit="msg")
+    run.started = time.perf_counter()
+    if run.open_loop:
+        asyncio.ensure_future(_open_loop_ticker(run))
+    else:
+        for conn in run.connections:
+            conn.send(run.window)
+    if not args.count:
+        loop.call_later(args.duration, _stop, run)
+    while not run.done() and run.lost == 0:
+        run.finished.clear()
+        try:
+            await asyncio.wait_for(run.finished.wait(), timeout=args.reply_timeout)
+        except asyncio.TimeoutError:
+            announce(f"no reply for {args.reply_timeout} s: stopping ({run.sent - run.received} unanswered)")
+            break
+    elapsed = time.perf_counter() - run.started
+    run.progress.close()
+    run.closing = True
+    for conn in run.connections:
+        conn.transport.close()
+    # what each terminal was told, then 0500: do the server's totals agree? (opens a new batch,
+    # so that the next run's STANs do not repeat this one's duplicate keys)
+    settled = await asyncio.gather(*(settle(args.host, args.port, s) for s in terminals))
+    rrn = np.concatenate(run.approved_rrn) if run.approved_rrn else np.zeros(0, np.uint64)
+    amount = np.concatenate(run.approved_amount) if run.approved_amount else np.zeros(0, np.int64)
+    report = {"sent": run.sent, "received": run.received, "elapsed_s": elapsed,
+              "offered_per_s": (args.rate if run.open_loop else run.sent / elapsed),
+              "accepted_per_s": run.received / elapsed, "codes": dict(sorted(run.codes.items())),
+              "mac_failures": run.mac_bad, "undecodable": run.undecodable,
+              "connections_lost": run.lost, "approved_settlements": int(len(rrn)),
+              "approved_fen": int(amount.sum()),
+              "batch_settlement": dict(collections.Counter(settled))}
+    lat = np.concatenate(run.latencies) * 1000 if run.latencies else np.zeros(0)
+    report["latency_ms"] = _percentiles(lat)
+    if args.data:
+        report["ledger"] = ledger_check(args.data, rrn, amount)
+    return report
+
+
+def _stop(run):
+    run.stopping = True
+    run.finished.set()
+
+
+async def _open_loop_ticker(run):
+    """Schedule requests at the offered rate, spread over the connections; a full window leaves
+    them queued in the client with their scheduled time (latency counts the wait)."""
+    rate = run.args.rate
+    start = time.perf_counter()
+    scheduled = 0
+    k = 0
+    conns = run.connections
+    while not run.stopping and (not run.count or scheduled < run.count):
+        await asyncio.sleep(0.001)
+        now = time.perf_counter()
+        due = int((now - start) * rate) - scheduled
+        if run.count:
+            due = min(due, run.count - scheduled)
+        if due <= 0:
+            continue
+        times = start + (scheduled + np.arange(due)) / rate
+        scheduled += due
+        per = max(1, due // len(conns))
+        for i in range(0, due, per):
+            conn = conns[k % len(conns)]
+            k += 1
+            conn.backlog_times.append(times[i:i + per])
+            conn._send_backlog()
+
+
+def ledger_check(data_dir: str, rrn: np.ndarray, amount: np.ndarray) -> dict:
+    """Every approval the generator received is in the journal, with the same amount."""
+    from yikatong.ledger.journal import Journal
+    journal = Journal(data_dir, readonly=True)
+    try:
+        records = journal.read(1, journal.last_seq) if journal.last_seq else None
+    finally:
+        journal.close()
+    if records is None or not len(rrn):
+        return {"approvals_checked": 0, "missing": int(len(rrn)), "ok": not len(rrn)}
+    jr = records["result"]["rrn"]
+    ja = records["result"]["amount_fen"]
+    order = np.argsort(jr)
+    pos = np.searchsorted(jr[order], rrn)
+    pos = np.minimum(pos, len(jr) - 1)
+    found = jr[order][pos] == rrn
+    same = found & (ja[order][pos] == amount)
+    return {"approvals_checked": int(len(rrn)), "missing": int((~found).sum()),
+            "amount_mismatch": int((found & ~same).sum()), "ok": bool(same.all())}
+
+
+def format_report(r: dict) -> str:
+    lat = r.get("latency_ms", {})
+    lines = [
+        f"load: {r['sent']:,} sent, {r['received']:,} answered in {r['elapsed_s']:.2f} s",
+        f"  offered   {r['offered_per_s']:,.0f} msg/s",
+        f"  accepted  {r['accepted_per_s']:,.0f} msg/s (durable replies)",
+    ]
+    if lat:
+        lines.append(f"  latency   p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  p999 {lat['p999']:.2f} ms  max {lat['max']:.2f} ms")
+    lines.append("  codes     " + "  ".join(f"{c}: {n:,}" for c, n in r["codes"].items()))
+    lines.append(f"  MAC failures {r['mac_failures']}, undecodable {r['undecodable']}, connections lost {r['connections_lost']}")
+    lines.append(f"  approved settlements {r['approved_settlements']:,} totalling {r['approved_fen']:,} fen")
+    bs = r.get("batch_settlement", {})
+    lines.append(f"  batch settlement (批结算, 0500): {bs.get('1', 0)} terminals balanced, "
+                 f"{sum(v for k, v in bs.items() if k != '1')} not")
+    if "ledger" in r:
+        g = r["ledger"]
+        lines.append(f"  ledger check (对账): {g['approvals_checked']:,} approvals looked up, {g['missing']} missing, "
+                     f"{g.get('amount_mismatch', 0)} amount mismatches → {'OK' if g['ok'] else 'FAILED'}")
+    return "\n".join(lines)
