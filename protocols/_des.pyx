@@ -54,6 +54,10 @@ cdef enum:
     MAC_CHUNK = 512
     CUPS_CHUNK = 256
 
+# the algorithm codes of mac_batch / mac_many, for Python callers
+ALGORITHM_X919 = MAC_X919
+ALGORITHM_CUPS_ECB = MAC_CUPS_ECB
+
 PATHS = {"auto": DES_PATH_AUTO, "scalar": DES_PATH_SCALAR, "w64": DES_PATH_W64,
          "w128": DES_PATH_W128, "w256": DES_PATH_W256, "w512": DES_PATH_W512}
 
@@ -381,7 +385,7 @@ cdef str _malformed_reason(bytes block, str pan):
     pan_field = _pan_field(pan)
     field = bytes(a ^ b for a, b in zip(block, pan_field)).hex().upper()
     if field[0] != "0":
-        return "PIN block: format nibble is not 0 (expecting ISO 9564 format 0)"
+        return "PIN block: format nibble is not 0 (expecting format 0)"
     length = int(field[1], 16)
     if not 4 <= length <= 12:
         return "PIN block: PIN length nibble outside 4..12"
