@@ -308,3 +308,31 @@ def test_pin_block_input_errors_carry_no_digits():
             des.pin_block(pin, pan)
     with pytest.raises(PinBlockError, match="PAN: expecting"):
         des.pin_of_block(bytes(8), "abc")
+
+
+# ---- the per-message C API is pure C (cython -a: every line of the nogil functions is white) ----
+
+def test_hot_functions_are_white(tmp_path):
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    from tests.unit.test_engine_annotation import nogil_function_lines
+    import html
+    import re
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cython = shutil.which("cython", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("cython")
+    assert cython is not None, "cython is a build requirement"
+    subprocess.run([cython, "-3", "-a", "-I", str(root / "build" / "cython-include"), "-I",
+                    str(root / "protocols"), str(root / "protocols" / "_des.pyx"),
+                    "-o", str(tmp_path / "_des.c")], check=True, capture_output=True)
+    page = (tmp_path / "_des.html").read_text()
+    rows = [(int(score), re.sub(r"<[^>]+>", "", html.unescape(text))) for score, text in
+            re.findall(r'<pre class="cython line score-(\d+)"[^>]*>(.*?)</pre>', page, re.S)]
+    lines = list(nogil_function_lines(rows))
+    functions = {h.split("(")[0] for h, _, _ in lines}
+    for name in ("cdef void tdes_ecb_many", "cdef void mac_many", "cdef void cups_many",
+                 "cdef int pin_from_block", "cdef inline uint64_t fold_xor"):
+        assert name in functions, f"{name} not found among the nogil functions"
+    yellow = [(h.split("(")[0], code.strip()) for h, score, code in lines if score > 0]
+    assert yellow == [], yellow
