@@ -41,6 +41,7 @@ cdef extern from "_des_kernel.h" nogil:
     int des_path_max
     int des_path_forced
     int des_scalar_below
+    int des_sort_lanes
     enum:
         DES_PATH_AUTO, DES_PATH_SCALAR, DES_PATH_W64, DES_PATH_W128, DES_PATH_W256, DES_PATH_W512
 
@@ -51,8 +52,12 @@ des_path_max = des_cpu_path()
 MAB_BYTES_MAX = 65535
 # mac_many partitions its batch by algorithm in chunks of this many messages (stack arrays)
 cdef enum:
-    MAC_CHUNK = 512
+    MAC_CHUNK = 2048
     CUPS_CHUNK = 256
+
+# the algorithm codes of mac_batch / mac_many, for Python callers
+ALGORITHM_X919 = MAC_X919
+ALGORITHM_CUPS_ECB = MAC_CUPS_ECB
 
 PATHS = {"auto": DES_PATH_AUTO, "scalar": DES_PATH_SCALAR, "w64": DES_PATH_W64,
          "w128": DES_PATH_W128, "w256": DES_PATH_W256, "w512": DES_PATH_W512}
@@ -67,6 +72,13 @@ def kernel_paths() -> list:
     """The kernel paths this CPU runs: "scalar", "w64", "w128" and, with AVX2 / AVX-512, "w256",
     "w512" (lanes per bitsliced group)."""
     return [name for name, p in PATHS.items() if p != DES_PATH_AUTO and p <= des_path_max]
+
+
+def set_lane_sort(enabled: bool = True) -> None:
+    """X9.19 lane scheduling: sort each chunk by block count (default) or keep the input order
+    (for measuring what the sort buys; the MACs are the same either way)."""
+    global des_sort_lanes
+    des_sort_lanes = 1 if enabled else 0
 
 
 def set_kernel_path(name: str = "auto", scalar_below: int = 8) -> None:
@@ -381,7 +393,7 @@ cdef str _malformed_reason(bytes block, str pan):
     pan_field = _pan_field(pan)
     field = bytes(a ^ b for a, b in zip(block, pan_field)).hex().upper()
     if field[0] != "0":
-        return "PIN block: format nibble is not 0 (expecting ISO 9564 format 0)"
+        return "PIN block: format nibble is not 0 (expecting format 0)"
     length = int(field[1], 16)
     if not 4 <= length <= 12:
         return "PIN block: PIN length nibble outside 4..12"

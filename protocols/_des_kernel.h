@@ -256,6 +256,8 @@ enum { DES_PATH_AUTO = 0, DES_PATH_SCALAR = 1, DES_PATH_W64 = 2, DES_PATH_W128 =
 static int des_path_max = DES_PATH_W128;
 static int des_path_forced = DES_PATH_AUTO;
 static int des_scalar_below = 8;
+/* 1: sort each chunk by block count before grouping (the default); 0: input order (measurement) */
+static int des_sort_lanes = 1;
 
 static int des_cpu_path(void)
 {
@@ -341,9 +343,9 @@ static void des_x919_group(int path, const uint8_t *const *data, const uint32_t 
     }
 }
 
-/* Messages are sorted by block count in chunks of this many, so that the lanes of a group finish
+/* Messages are sorted by block count in chunks of this many (on the stack: 8 KiB), so that the lanes of a group finish
  * together (a frozen lane is a wasted lane): a counting sort, buckets capped at DES_SORT_BLOCKS. */
-#define DES_CHUNK 1024
+#define DES_CHUNK 2048
 #define DES_SORT_BLOCKS 512
 
 /* X9.19 MACs of the messages listed in `which` (count of them; NULL = 0..count-1). */
@@ -362,6 +364,11 @@ static void des_x919_many(const uint8_t *const *data, const uint32_t *length, co
             }
             continue;
         }
+        if (!des_sort_lanes) {
+            for (int i = 0; i < chunk; i++)
+                order[i] = which ? which[base + i] : (int32_t)(base + i);
+            goto grouped;
+        }
         /* counting sort of the chunk by block count */
         memset(bucket_start, 0, sizeof(bucket_start));
         for (int i = 0; i < chunk; i++) {
@@ -376,6 +383,7 @@ static void des_x919_many(const uint8_t *const *data, const uint32_t *length, co
             const uint32_t b = (length[m] + 7) / 8;
             order[bucket_start[b < DES_SORT_BLOCKS ? b : DES_SORT_BLOCKS]++] = m;
         }
+    grouped:;
         int done = 0;
         while (done < chunk) {
             const int p = des_path_for(chunk - done);

@@ -1,7 +1,7 @@
 """Generate protocols/_des_sboxes.h: gate networks (AND, OR, XOR, AND-NOT, NOT) for the eight DES
 S-boxes, for bitsliced DES.
 
-    python tools/gen_des_sboxes.py > protocols/_des_sboxes.h
+    python3 tools/gen_des_sboxes.py 5 > protocols/_des_sboxes.h     # width 5: ~5 min, 61.25 gates avg
 
 The method is Matthew Kwan's ("Reducing the Gate Count of Bitslice DES", IACR ePrint 2000/051):
 each output bit is a 64-entry truth table over the six S-box inputs; it is built from gates
