@@ -1,15 +1,11 @@
-"""`yikatong demo`: build the demo node (DEMO.md), replay DOMAIN.md cases A–D as readable tables,
-then apply generated medical settlements (就医结算) and print the throughput."""
+"""`yikatong demo`: build the demo node (DEMO.md), start `yikatong serve` on it, drive DOMAIN.md
+cases A–D through the wire with the terminal client, run a short load with `yikatong load`'s
+generator, stop the server with SIGTERM (drain), then restart and verify the node."""
+import os
+import signal
 import time
 
-import numpy as np
-
-from yikatong.engine import RESULT_DTYPE, codes_of, rc_str
-from yikatong.engine.builders import medical
-from yikatong.engine.demo import demo_engine, today
-from yikatong.engine.workload import generated_pan_hashes, medical_settlements
-
-from .progress import Progress
+from yikatong.engine.demo import DEMO_TMK_HEX, today
 
 CLAIM = (5000000, 300000, 50000, 100000, 4550000)    # total, FO, OL, PS, IS in fen
 CASES = (
@@ -27,23 +23,32 @@ def yuan(fen: int) -> str:
     return f"{sign}{fen // 100:,}.{fen % 100:02d}"
 
 
-def print_cases(engine, keys, business_date: int):
-    print("Medical settlement 就医结算 — DOMAIN.md worked examples (claim: total 50,000.00; "
+def print_cases(port: int, tmk: bytes):
+    """Cases A–D through the wire: a terminal signs on, MACs its requests, checks the replies."""
+    from yikatong.protocols.terminal import Terminal
+    print("Medical settlement 就医结算 over ISO 8583 — DOMAIN.md worked examples (claim: total 50,000.00; "
           "FO 3,000.00; OL 500.00; PS 1,000.00; IS 45,500.00)\n")
-    header = ("case", "fund 统筹", "deductible 起付", "insurance 个账", "financial 金融", "cash 现金",
-              "ins. after", "fin. after", "code")
+    header = ("case", "terminal", "fund 统筹", "deductible 起付", "insurance 个账", "financial 金融", "cash 现金",
+              "ins. after", "fin. after", "code", "MAC")
     rows = []
-    for name, pan, terminal, pa, what in CASES:
-        q = medical(engine, keys, pan, terminal, *CLAIM, pa=pa)
-        r = engine.apply_batch(q, business_date=business_date)[0]
-        code = rc_str(r["code"])
-        if code in ("00", "10"):
-            rows.append((name, yuan(r["fund_fen"]), yuan(r["deductible_fen"]), yuan(r["ins_leg_fen"]),
-                         yuan(r["fin_leg_fen"]), yuan(r["cash_fen"]), yuan(r["ins_balance_fen"]),
-                         yuan(r["fin_balance_fen"]), code))
+    terminals = {}
+    total, fo, ol, ps, _ = CLAIM
+    for name, pan, tid, pa, what in CASES:
+        if tid not in terminals:
+            mid = "H11000000000001" if tid == "T0000001" else "H31000000000001"
+            terminals[tid] = Terminal("127.0.0.1", port, tid, mid, tmk)
+            assert terminals[tid].sign_on().code == "00", f"sign-on of {tid} refused"
+        reply = terminals[tid].medical(pan, total, fo=fo, ol=ol, ps=ps, med_type="21", pa=pa)
+        t = reply.tlv
+        mac = "ok" if reply.mac_ok else "BAD"
+        if reply.code in ("00", "10"):
+            rows.append((name, tid, yuan(int(t["FP"])), yuan(int(t["DE"])), yuan(int(t["AP"])), yuan(int(t["BP"])),
+                         yuan(int(t.get("CP", 0))), yuan(int(t["IB"])), yuan(int(t["BB"])), reply.code, mac))
         else:
-            rows.append((name, "—", "—", "—", "—", "—", yuan(r["ins_balance_fen"]),
-                         yuan(r["fin_balance_fen"]), f"{code} declined"))
+            rows.append((name, tid, "—", "—", "—", "—", "—", yuan(reply.balance("91") or 0),
+                         yuan(reply.balance("10") or 0), f"{reply.code} declined", mac))
+    for t in terminals.values():
+        t.close()
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for row in rows:
@@ -54,42 +59,28 @@ def print_cases(engine, keys, business_date: int):
     print()
 
 
-def run_load(node, keys, count: int, cards: int, business_date: int, batch_size: int = 8192):
-    engine = node.engine
-    pan_hashes = generated_pan_hashes(keys, cards)
-    requests = medical_settlements(engine, pan_hashes, count, seed=20261124)
-    results = np.ones(count, dtype=RESULT_DTYPE)
-    progress = Progress(count, "settling", "settlements")
-    apply_s = 0.0
-    t_start = time.perf_counter()
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        t0 = time.perf_counter()
-        results[start:stop] = node.apply_and_append(requests[start:stop], business_date)
-        apply_s += time.perf_counter() - t0
-        progress.update(stop - start)
-    progress.close()
-    total_s = time.perf_counter() - t_start
-    codes, counts = np.unique(codes_of(results), return_counts=True)
-    mix = ", ".join(f"{c.decode()}: {n:,}" for c, n in zip(codes, counts))
-    print(f"\nApplied and journaled {count:,} generated settlements over {cards:,} cards in {total_s:.2f} s: "
-          f"{count / total_s:,.0f} durable settlements/s (apply + LMDB append with fsync per {batch_size:,}-message "
-          f"batch, one core).")
-    print(f"Response codes: {mix}")
-    print(f"Fund paid {yuan(results['fund_fen'].sum())} yuan; insurance accounts {yuan(results['ins_leg_fen'].sum())}; "
-          f"financial accounts {yuan(results['fin_leg_fen'].sum())}; cash {yuan(results['cash_fen'].sum())}.")
+def start_server(data_dir: str):
+    """`yikatong serve` on the demo node in a child process; returns (process, port)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "yikatong.main", "serve", "--data", data_dir, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=open(os.path.join(data_dir, "server.log"), "ab"), text=True)
+    for line in proc.stdout:
+        if line.startswith("listening on"):
+            return proc, int(line.rsplit(":", 1)[1])
+    raise RuntimeError(f"the server exited (code {proc.wait()}) before listening; see {data_dir}/server.log")
 
 
-class _Durable:
-    """Lets print_cases apply through the node (journaled) with the engine's interface."""
-    def __init__(self, node):
-        self.node = node
-
-    def __getattr__(self, name):
-        return getattr(self.node.engine, name)
-
-    def apply_batch(self, requests, business_date):
-        return self.node.apply_and_append(requests, business_date)
+def wire_load(port: int, count: int, cards: int, data_dir: str) -> dict:
+    import argparse
+    import uvloop
+    from .loadgen import format_report, run_load
+    args = argparse.Namespace(host="127.0.0.1", port=port, terminals=64, connections=64, pipeline=128,
+                              count=count, duration=0, rate=0, mix="med=80,pre=10,bal=10", cards=cards, seed=1,
+                              data=data_dir, reply_timeout=30.0)
+    report = uvloop.run(run_load(args))
+    print(format_report(report))
+    return report
 
 
 def run_demo(args):
@@ -112,8 +103,19 @@ def run_demo(args):
     print(f"Demo node (DEMO.md) in {data_dir}: {engine.card_count:,} cards, {len(engine.config.terminals)} terminals, "
           f"business date {business_date}, genesis journaled in {time.perf_counter() - t0:.2f} s "
           f"({engine.bytes_per_card():.0f} bytes/card).\n")
-    print_cases(_Durable(node), keys, business_date)
-    run_load(node, keys, args.settlements, args.cards, business_date)
+    node.close()
+    server, port = start_server(data_dir)
+    try:
+        print(f"Server: yikatong serve on 127.0.0.1:{port} (uvloop; replies leave once their batch is durable).\n")
+        print_cases(port, bytes.fromhex(DEMO_TMK_HEX))
+        print(f"Load: {args.settlements:,} MACed requests (80% 就医结算 81, 10% 预结算 83, 10% balance inquiries "
+              f"with PIN) from 64 terminals, 64 connections × 128 in flight:")
+        report = wire_load(port, args.settlements, args.cards, data_dir)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    print(f"\nServer drained and stopped on SIGTERM (exit code {code}).")
+    node = Node.open(data_dir)
     arrays = {k: v.copy() for k, v in node.engine.arrays.items()}
     last_seq = node.journal.last_seq
     node.close()
@@ -124,8 +126,9 @@ def run_demo(args):
           f"replay of the tail) in {time.perf_counter() - t0:.2f} s; state identical to before the restart: {same}.")
     node.close()
     t0 = time.perf_counter()
-    report = verify(data_dir)
-    print(f"Verify (核对): OK — {report['records']:,} records, hash chain unbroken, money conserved on "
-          f"{report['business_dates']} business date(s), replay equals the journal, {report['checkpoints']} "
+    vreport = verify(data_dir)
+    print(f"Verify (核对): OK — {vreport['records']:,} records, hash chain unbroken, money conserved on "
+          f"{vreport['business_dates']} business date(s), replay equals the journal, {vreport['checkpoints']} "
           f"checkpoint(s) equal the replay ({time.perf_counter() - t0:.2f} s).")
-    return 0 if same and last_seq == report["last_seq"] else 1
+    ok = report["mac_failures"] == 0 and report.get("ledger", {}).get("ok", False) and code == 0
+    return 0 if same and ok and last_seq == vreport["last_seq"] else 1
