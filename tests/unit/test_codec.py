@@ -407,7 +407,7 @@ def claim_at(pan, terminal, institution, stan, *extra):
                    _62=tlv(*CLAIM, *extra))
 
 
-def round_trip(engine, codec, frames, flags=0, prepare=None):
+def round_trip(engine, codec, frames, flags=0, prepare=None, now=(120000, 1124)):
     count = len(frames)
     q = new_requests(count)
     w = np.zeros(count, c.WIRE_DTYPE)
@@ -417,7 +417,7 @@ def round_trip(engine, codec, frames, flags=0, prepare=None):
     w["flags"] |= flags
     results = engine.apply_batch(q, business_date=BD)
     out = bytearray(count * c.REPLY_BYTES_MAX)
-    used = codec.encode_replies(w, q, results, count, out, BD, 120000, 1124)
+    used = codec.encode_replies(w, q, results, count, out, BD, *now)
     replies = []
     for i in range(count):
         start, length = int(w[i]["reply_start"]), int(w[i]["reply_len"])
@@ -517,6 +517,26 @@ def test_reply_balance_inquiry(node, proc, f54):
         q["pin_pvv"] = keys.pvv(int(q[0]["pan_hash"]), "888888")
     replies, results, _ = round_trip(engine, codec, [encode_fields(request)], prepare=pin_stage)
     assert decode_fields(replies[0]) == reply_fields(request, _37="000000000001", _38="000001", _39="00", _54=f54)
+
+
+def test_reply_reversal(node):
+    """0410: 12 and 13 are the server's clock (a reversal carries neither), 39 is the engine's."""
+    engine, _, codec = node
+    bank = dict(_2="6214830000000017", _41="T0000005", _42="B11000000000001")
+    purchase = message("deposit", **bank)
+    rev = reversal("deposit", **bank)
+    replies, results, w = round_trip(engine, codec, [encode_fields(purchase), encode_fields(rev)], now=(235501, 1125))
+    assert list(w["kind"]) == [WK_ENGINE, WK_ENGINE]
+    assert decode_fields(replies[0]) == reply_fields(purchase, _37="000000000001", _38="000001", _39="00",
+                                                     _54=balances(2100000, 200000))
+    assert decode_fields(replies[1]) == reply_fields(rev, _12="235501", _13="1125", _37="000000000002",
+                                                     _38="000002", _39="00", _54=balances(2000000, 200000))
+
+
+def test_leak_check_can_fail():
+    for text in (f"found {PAN[3:9]}", PIN_BLOCK[2:5].hex().upper(), repr(PIN_BLOCK), "x" + TRACK2[16:22]):
+        with pytest.raises(AssertionError):
+            assert_no_card_data(text)
 
 
 def test_reply_to_rejected_frames(node):
