@@ -129,6 +129,11 @@ class DecodeError(ValueError):
         shown = "withheld (card data)" if found is None else str(found)
         super().__init__(f"{where} at byte {offset}: found {shown}, expecting {self.expected}")
 
+    def __reduce__(self):
+        # rebuild from the constructor's arguments, not from args (the message): without this,
+        # pickle.loads and copy.copy of a DecodeError raised TypeError (fix)
+        return (type(self), (self.field, self.offset, self.what, self.found))
+
 
 cdef inline int nib(const uint8_t* b, Py_ssize_t i) noexcept nogil:
     """Nibble i of a byte string (0 = high nibble of b[0])."""

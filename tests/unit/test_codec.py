@@ -833,6 +833,16 @@ def test_decode_error_message_examples():
     assert isinstance(e, ValueError) and e.expected == "a BCD digit 0-9"
 
 
+def test_decode_error_pickles_and_copies():
+    """Errors cross process and task boundaries (logging queues, executors) intact."""
+    import copy
+    import pickle
+    for e in (DecodeError(2, 27, ERR_BCD, None), DecodeError(0, 11, ERR_ROUTE, 200)):
+        for twin in (pickle.loads(pickle.dumps(e)), copy.copy(e), copy.deepcopy(e)):
+            assert type(twin) is DecodeError and str(twin) == str(e)
+            assert (twin.field, twin.offset, twin.what, twin.found, twin.expected) == (e.field, e.offset, e.what, e.found, e.expected)
+
+
 def test_errors_in_a_batch_do_not_stop_it(node):
     _, keys, codec = node
     frames = [frame for _, frame, _, _ in ERRORS] + [encode_fields(message("deposit"))]
