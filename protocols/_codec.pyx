@@ -123,6 +123,11 @@ class DecodeError(ValueError):
         shown = "withheld (card data)" if found is None else str(found)
         super().__init__(f"{where} at byte {offset}: found {shown}, expecting {self.expected}")
 
+    def __reduce__(self):
+        # rebuild from the constructor's arguments, not from args (the message): without this,
+        # pickle.loads and copy.copy of a DecodeError raised TypeError (fix)
+        return (type(self), (self.field, self.offset, self.what, self.found))
+
 
 cdef inline int nib(const uint8_t* b, Py_ssize_t i) noexcept nogil:
     """Nibble i of a byte string (0 = high nibble of b[0])."""
@@ -535,8 +540,10 @@ cdef class Codec:
             memcpy(w.pin_block, b + loc[52].off, 8)
             w.flags |= WF_PIN
             q.flags |= REQ_PIN
-        # void, cancel, refund: field 37 and 61 of the original
-        if cmd == CMD_VOID or cmd == CMD_MED_CANCEL or cmd == CMD_REFUND:
+        # void, cancel, refund: field 37 and 61 of the original. Not on their reversal: a 0400
+        # carries the original's 2, 3, 4, 11, 60 (+ 39, 41, 42) only, PROTOCOL.md §3.2, and the
+        # engine matches it by 41 + 11 + 60.2 (fix: 0400 of a void / cancel was refused with 30)
+        if (cmd == CMD_VOID or cmd == CMD_MED_CANCEL or cmd == CMD_REFUND) and w.mti != 400:
             if self._need(b, q, w, 37, loc) < 0 or self._need(b, q, w, 61, loc) < 0:
                 return -1
             ok = True
@@ -551,7 +558,7 @@ cdef class Codec:
             q.orig_batch = <uint32_t>digits_value(b, l, 0, 6)
             q.orig_stan = <uint32_t>digits_value(b, l, 6, 6)
             q.orig_date = <uint16_t>digits_value(b, l, 12, 4)
-        if cmd == CMD_TRANSFER:
+        if cmd == CMD_TRANSFER and w.mti != 400:       # not on its reversal either (§3.2)
             if self._need(b, q, w, 48, loc) < 0:
                 return -1
             l = &loc[48]
@@ -573,7 +580,9 @@ cdef class Codec:
         keybuf[kp] = <uint8_t>mti_class
         kp += 1
         if has(w, 32):
-            keybuf[kp] = <uint8_t>loc[32].nbytes
+            # the digit count, not the byte count: 9 and 10 digits pack into the same 5 bytes
+            # ("123456789" + pad 0 = "1234567890"), so nbytes here merged two keys (fix)
+            keybuf[kp] = <uint8_t>loc[32].units
             kp += 1
             memcpy(keybuf + kp, b + loc[32].off, loc[32].nbytes)
             kp += loc[32].nbytes
@@ -730,6 +739,8 @@ cdef class Codec:
         """Decode `frames` (bodies, length prefix removed) into rows first.. of `requests` and
         `wires`. Returns how many the codec rejected (pre_code set)."""
         cdef Py_ssize_t i, count = PyList_GET_SIZE(frames), rejected = 0
+        if first < 0:       # fix: a negative first wrote before the arrays' start
+            raise ValueError(f"decode_batch: first = {first}, expecting >= 0")
         _check_rows(requests, wires, first + count)
         cdef Request* q = <Request*>cnp.PyArray_DATA(requests) + first
         cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires) + first
