@@ -27,6 +27,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 
 import lmdb
 
@@ -59,8 +60,15 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+# Fault injection for tests only: hold every commit this long inside its write transaction
+# (a deliberately slow disk), so a test can show that no reply leaves before its batch is durable.
+COMMIT_DELAY_S = float(os.environ.get("YIKATONG_FAULT_COMMIT_DELAY_MS", "0") or 0) / 1000
+
+
 def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> int:
     from .journal import open_env          # the same flags as the node's own handle
+    if COMMIT_DELAY_S:
+        sys.stderr.write(f"yikatong writer: FAULT INJECTION: every commit delayed {COMMIT_DELAY_S * 1000:.0f} ms\n")
     env = open_env(journal_path, map_size_bytes, readonly=False)
     journal_db, headers_db = env.open_db(b"journal", create=False), env.open_db(b"headers", create=False)
     with env.begin() as txn:
@@ -116,6 +124,8 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> in
                     raise RuntimeError(f"journal put for sequence {first} refused (out of order)")
                 if not txn.put(bno.to_bytes(8, "big"), header, db=headers_db, append=True):
                     raise RuntimeError(f"header put for batch {bno} refused (out of order)")
+                if COMMIT_DELAY_S:
+                    time.sleep(COMMIT_DELAY_S)
             # the with-block committed (sync=True, metasync=True: fsync'd) — now acknowledge
             batch_no, last_seq, business_date, prev = bno, first + count - 1, date, digest
             write_all(fd_out, ACK.pack(bno, 0, 32) + digest)

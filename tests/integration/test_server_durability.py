@@ -1,0 +1,80 @@
+"""A reply never leaves before its batch is durable (DESIGN.md §5, issue: terminal server item 3).
+
+The writer process is slowed on purpose (YIKATONG_FAULT_COMMIT_DELAY_MS: each commit is held
+inside its write transaction). A terminal sends a medical settlement; while the commit is held
+the journal (read beside the server, LMDB MVCC) has no record of it and no reply has arrived; the
+reply comes only after the delay, and at that moment the journal holds the approval with the
+RRN and amount the reply carries."""
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from yikatong.engine.demo import DEMO_TMK_HEX
+from yikatong.ledger.journal import Journal
+from yikatong.protocols.terminal import Terminal
+
+DELAY_MS = 600
+
+
+def journal_rrns(data_dir: str) -> dict:
+    journal = Journal(data_dir, readonly=True)
+    try:
+        if not journal.last_seq:
+            return {}
+        records = journal.read(1, journal.last_seq)
+    finally:
+        journal.close()
+    return {int(r): int(a) for r, a in zip(records["result"]["rrn"], records["result"]["amount_fen"]) if r}
+
+
+@pytest.fixture
+def slow_server(tmp_path):
+    data = str(tmp_path / "node")
+    env = dict(os.environ, YIKATONG_FAULT_COMMIT_DELAY_MS=str(DELAY_MS))
+    proc = subprocess.Popen([sys.executable, "-m", "yikatong.main", "serve", "--data", data, "--demo", "--cards", "100",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    port = None
+    for line in proc.stdout:
+        if line.startswith("listening on"):
+            port = int(line.rsplit(":", 1)[1])
+            break
+    assert port, "the server did not start"
+    yield data, port
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+
+
+def test_no_reply_before_the_commit(slow_server):
+    data, port = slow_server
+    t = Terminal("127.0.0.1", port, "T0000001", "H11000000000001", bytes.fromhex(DEMO_TMK_HEX))
+    assert t.sign_on().code == "00"                      # no journal write: answered at once
+    before = journal_rrns(data)
+    # send by hand so the test can watch the socket and the journal while the commit is held
+    from yikatong.protocols import _codec, _des
+    from yikatong.protocols.terminal import HEADER, TPDU, medical_tlv
+    fields = {"tpdu": TPDU, "header": HEADER, "t": "0200", "2": "6214830000000017", "3": "000000",
+              "4": "%012d" % 123456, "11": "000777", "12": "101010", "13": "1130", "22": "022", "25": "00",
+              "41": "T0000001", "42": "H11000000000001", "49": "156", "60": "81%06d000" % t.batch_no,
+              "62": medical_tlv("11", 0, 0, 0, 123456), "64": bytes(8)}
+    body = _codec.encode_fields(fields)
+    body = body[:-8] + _des.mac_x919(t.mac_key, body[11:-8])
+    sent_at = time.monotonic()
+    t.sock.sendall(len(body).to_bytes(2, "big") + body)
+    # while the commit is held: no reply on the socket, nothing new in the journal
+    readable, _, _ = select.select([t.sock], [], [], DELAY_MS / 1000 / 3)
+    assert readable == []
+    assert journal_rrns(data) == before
+    head = t._recv(2)
+    reply_at = time.monotonic()
+    reply = _codec.decode_fields(t._recv(int.from_bytes(head, "big")))
+    assert reply["39"] == "00"
+    assert reply_at - sent_at >= DELAY_MS / 1000 * 0.95
+    # the moment the reply is here, the approval it reports is committed
+    after = journal_rrns(data)
+    rrn = int(reply["37"])
+    assert rrn not in before and after[rrn] == 123456
+    t.close()
