@@ -241,7 +241,10 @@ def _percentiles(lat_ms):
 async def run_load(args, announce=print) -> dict:
     tmk = bytes.fromhex(DEMO_TMK_HEX)
     run = LoadRun(args)
-    terminals = [TerminalSession(tid, "x9.19") for tid in GENERATED_TERMINALS[:args.terminals]]
+    if getattr(args, "mac", "x9.19") == "cups-ecb":
+        terminals = [TerminalSession("T0000007", "cups-ecb")]          # DEMO.md's cups-ecb terminal
+    else:
+        terminals = [TerminalSession(tid, "x9.19") for tid in GENERATED_TERMINALS[:args.terminals]]
     await asyncio.gather(*(sign_on(args.host, args.port, s, tmk) for s in terminals))
     loop = asyncio.get_running_loop()
     run.connections = []

@@ -27,7 +27,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     idle_timeout_ms: int = 300_000           # a connection with no frame for this long is closed
     partial_frame_timeout_ms: int = 10_000   # a frame begun but not finished for this long → close
     write_buffer_high_bytes: int = 1 << 20   # replies queued to a slow reader; above → stop reading it
-    batches_in_flight_max: int = 2           # batches applied but not yet durable (N committing, N+1 waiting)
+    batches_in_flight_max: int = 8           # batches applied, not yet durable (the writer commits the queued ones together)
     drain_timeout_ms: int = 30_000           # SIGTERM: in-flight batches must commit within this
 
     def check(self):
@@ -37,8 +37,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
                 raise ValueError(f"limits.{name}: expecting a positive number")
         if not 21 <= self.frame_bytes_max <= 65535:
             raise ValueError("limits.frame_bytes_max: expecting 21..65535 (the length prefix is 2 bytes)")
-        if self.batches_in_flight_max > 8:
-            raise ValueError("limits.batches_in_flight_max: expecting at most 8")
+        if self.batches_in_flight_max > 32:
+            raise ValueError("limits.batches_in_flight_max: expecting at most 32 (the writer's group)")
         return self
 
 

@@ -17,6 +17,8 @@ def register(sub):
     p.add_argument("--data", default=None, help="the server's data directory: check every approval is in its journal")
     p.add_argument("--reply-timeout", type=float, default=10.0, help="give up after this long without a reply, s")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--mac", choices=("x9.19", "cups-ecb"), default="x9.19",
+                   help="x9.19: load terminals T1000000 …; cups-ecb: DEMO.md's T0000007 on every connection")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

@@ -1,0 +1,93 @@
+"""End to end (the terminal-server issue, item 8): durable, X9.19-MAC-checked medical
+settlements per second through `yikatong serve`, with latency percentiles, against the naive
+baseline server (bench/baseline/server.py: asyncio + pyiso8583 + sqlite3, one commit per
+message) measured in the same run. The server (and its writer process) is pinned to core 0,
+the load generator to core 1 (taskset).
+
+    make bench                                                          # CI size
+    YIKATONG_BENCH_SIZE=full .venv/bin/python -m pytest -q bench/bench_server.py -p no:cacheprovider -s
+
+Figures are reported, not asserted (shared, noisy machine). The closed-loop run gives the
+throughput; an open-loop run at a fixed offered rate gives the latency a terminal sees there.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.conftest import size
+
+CARDS = 100_000
+
+
+def pinned(core: int) -> list:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() >= 2 else []
+
+
+def start(cmd, cwd=None, env=None):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd, env=env)
+    for line in proc.stdout:
+        if line.startswith("listening on"):
+            return proc, int(line.rsplit(":", 1)[1])
+    raise RuntimeError(f"{cmd[0]} exited with {proc.wait()} before listening")
+
+
+def load(port: int, *extra) -> dict:
+    out = subprocess.run(pinned(1) + [sys.executable, "-m", "yikatong.main", "load", "--port", str(port),
+                                      "--cards", str(CARDS), "--json", *extra],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_server_end_to_end(tmp_path, benchmark):
+    count = size(60_000, 1_500_000)
+    server, port = start(pinned(0) + [sys.executable, "-m", "yikatong.main", "serve", "--data", str(tmp_path / "node"),
+                                      "--demo", "--cards", str(CARDS), "--port", "0"])
+    try:
+        closed = benchmark.pedantic(load, args=(port, "--count", str(count), "--connections", "64",
+                                                "--pipeline", "128", "--data", str(tmp_path / "node")),
+                                    rounds=1, iterations=1)
+        rate = size(20_000, 150_000)
+        open_loop = load(port, "--count", str(min(count, rate * 5)), "--rate", str(rate), "--connections", "64",
+                         "--pipeline", "256")
+        cups = load(port, "--count", str(size(20_000, 300_000)), "--mac", "cups-ecb", "--connections", "16",
+                    "--pipeline", "256")
+    finally:
+        server.terminate()
+        server_exit = server.wait(timeout=120)
+    assert server_exit == 0
+    for r in (closed, open_loop, cups):
+        assert r["mac_failures"] == 0 and r["undecodable"] == 0 and r["received"] == r["sent"]
+    assert closed["ledger"]["ok"] and closed["ledger"]["approvals_checked"] == closed["approved_settlements"]
+
+    # the naive baseline, same machine, same pinning, its own Python load driver
+    baseline_proc, bport = start(pinned(0) + [sys.executable, "-m", "bench.baseline.server", "--port", "0",
+                                              "--db", str(tmp_path / "baseline.sqlite"), "--cards", str(CARDS)])
+    try:
+        out = subprocess.run(pinned(1) + [sys.executable, "-m", "bench.baseline.loadgen", "--port", str(bport),
+                                          "--connections", "8", "--pipeline", "4", "--duration-s", str(size(3, 10)),
+                                          "--seed", "1"], capture_output=True, text=True, timeout=300)
+    finally:
+        baseline_proc.terminate()
+        baseline_proc.wait(timeout=60)
+    line = out.stdout.strip().splitlines()[-1]
+    baseline_rate = float(line.split(" messages/s")[0].rsplit(" ", 1)[1])
+    ratio = closed["accepted_per_s"] / baseline_rate
+    benchmark.extra_info.update({
+        "messages": closed["received"], "durable_per_s": round(closed["accepted_per_s"]),
+        "latency_ms": closed["latency_ms"], "open_loop_rate": rate, "open_loop_latency_ms": open_loop["latency_ms"],
+        "open_loop_accepted_per_s": round(open_loop["accepted_per_s"]),
+        "cups_ecb_per_s": round(cups["accepted_per_s"]), "baseline_per_s": round(baseline_rate),
+        "ratio_vs_baseline": round(ratio, 1), "checksum_approved_fen": closed["approved_fen"]})
+    lat, olat = closed["latency_ms"], open_loop["latency_ms"]
+    print(f"\nserver end to end: {closed['received']:,} messages, {closed['accepted_per_s']:,.0f} durable MAC-checked "
+          f"msg/s closed loop (64 conn × 128), p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms p999 {lat['p999']:.1f} ms; "
+          f"open loop at {rate:,}/s: accepted {open_loop['accepted_per_s']:,.0f}/s, p50 {olat['p50']:.1f} ms "
+          f"p99 {olat['p99']:.1f} ms p999 {olat['p999']:.1f} ms max {olat['max']:.1f} ms; cups-ecb terminal "
+          f"{cups['accepted_per_s']:,.0f} msg/s; baseline {baseline_rate:,.0f} msg/s → {ratio:,.0f}×; "
+          f"approved {closed['approved_fen']:,} fen, every approval found in the journal")
