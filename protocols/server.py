@@ -149,10 +149,11 @@ class Terminals:
 
 
 class Batch:
-    __slots__ = ("ticket", "out", "runs", "extra", "submitted_at", "count")
+    __slots__ = ("ticket", "out", "runs", "extra", "submitted_at", "count", "close")
 
-    def __init__(self, ticket, out, runs, extra, count):
+    def __init__(self, ticket, out, runs, extra, count, close=()):
         self.ticket, self.out, self.runs, self.extra, self.count = ticket, out, runs, extra, count
+        self.close = close
         self.submitted_at = time.perf_counter()
 
 
@@ -445,7 +446,17 @@ class Server:
         if extra:
             owner = np.repeat(np.arange(len(runs)), [k for _, k in runs])
             extra_by_conn = [(runs[owner[i]][0], reply) for i, reply in extra]
-        batch = Batch(ticket, out, byte_runs, extra_by_conn, n)
+        # FIX (tests/integration/test_server.py, malformed body / garbage): a frame the codec
+        # cannot answer (no MTI, 11 or 41 read before the error: WF_NO_REPLY) used to get no reply
+        # while the connection stayed open, so the terminal hung until its own timeout. Such a
+        # connection is now closed once the replies before it are written (DESIGN.md §5: bad
+        # input gets a clear answer; the other connections are untouched).
+        close = ()
+        unanswerable = np.flatnonzero((kind == 0) & ((wires["flags"] & WF_NO_REPLY) != 0))
+        if len(unanswerable):
+            owner = np.repeat(np.arange(len(runs)), [k for _, k in runs])
+            close = {runs[owner[i]][0] for i in unanswerable.tolist()}
+        batch = Batch(ticket, out, byte_runs, extra_by_conn, n, close)
         if ticket is None and not self.inflight:
             self._deliver(batch)
         else:
@@ -494,6 +505,11 @@ class Server:
             if not conn.closed:
                 conn.transport.write(reply)
         view.release()
+        for conn in batch.close:
+            if not conn.closed:
+                log.warning("unanswerable frame, closing the connection", extra={"event": "frame_unanswerable"})
+                self.metrics.frame_errors += 1
+                conn.close()
 
     # ---- network management and batch settlement (rare: Python per message) ----------------
     def _manage(self, frame: bytes, w) -> bytes | None:
