@@ -171,6 +171,7 @@ class Connection(asyncio.Protocol):
         self.last_frame_at = time.monotonic()
         self.partial_since = None
         self.peer = None
+        self.framed_bytes = 0             # stream bytes of the whole frames handed out (prefixes included)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -201,8 +202,14 @@ class Connection(asyncio.Protocol):
         if frames:
             self.last_frame_at = now
             self.inflight += len(frames)
+            self.framed_bytes += sum(map(len, frames)) + 2 * len(frames)
             self.server.enqueue(self, frames)
-        self.partial_since = (self.partial_since or now) if self.framer.pending_bytes else None
+        # FIX (tests/integration/test_server.py test_partial_frame_times_out[prefix-only]): the
+        # framer's pending_bytes counts body bytes only, so a frame stopped right after its 2-byte
+        # length prefix was never "partial" and lingered until the idle timeout. A frame is begun
+        # whenever the stream holds bytes beyond the whole frames handed out.
+        begun = self.framer.pending_bytes or self.framer.stream_offset > self.framed_bytes
+        self.partial_since = (self.partial_since or now) if begun else None
         self._update_reading()
 
     def _update_reading(self):

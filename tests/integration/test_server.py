@@ -478,3 +478,249 @@ def test_metrics_count_what_was_sent(srv):
     assert med(t, pan(310), big, fo=big)[1].code == "51"                       # all self-paid
     assert srv.metric(ok_name) - before_ok == 10
     assert srv.metric(nsf_name) - before_nsf == 1
+
+
+# ---- 3. garbage --------------------------------------------------------------------------------
+
+def read_reply_or_close(sock):
+    """A reply frame (bytes) or None when the server closed the connection."""
+    try:
+        head = b""
+        while len(head) < 2:
+            chunk = sock.recv(2 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        return cl._recv_exact(sock, struct.unpack(">H", head)[0])
+    except ConnectionResetError:
+        return None
+
+
+def test_garbage_30_or_close_and_others_keep_working(srv):
+    t = load_terminal(srv)                     # a connection opened before the garbage
+    rng = random.Random(8583)
+    for i in range(40):
+        size = rng.randint(21, 400)
+        payload = bytes(rng.getrandbits(8) for _ in range(size))
+        if i % 2:                              # half keep a valid TPDU + header, random after it
+            payload = cl.DEFAULT_TPDU + cl.DEFAULT_HEADER + payload[11:]
+        with srv.connect() as sock:
+            sock.sendall(struct.pack(">H", size) + payload)
+            reply = read_reply_or_close(sock)
+            if reply is not None:
+                assert cl.parse_reply(reply).code == "30", reply.hex()
+    # below the minimum frame, and above the maximum: that connection only closes
+    for prefix in (b"\x00\x05" + bytes(5), b"\x08\x01", b"\xff\xff"):
+        with srv.connect() as sock:
+            sock.sendall(prefix)
+            assert read_reply_or_close(sock) is None
+    assert t.echo().code == "00"
+    assert med(t, pan(42), 1000)[1].code == "00"
+    assert load_terminal(srv).echo().code == "00"                               # new connections too
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def limits_srv(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp(f"limits-{request.param}")
+    config = base / "server.toml"
+    config.write_text("[limits]\npartial_frame_timeout_ms = 500\nidle_timeout_ms = 1500\n")
+    with ServerProcess(base / "node", loop=request.param, cards=100, config=str(config)) as server:
+        yield server
+        assert server.terminate() == 0, server.log()[-3000:]
+
+
+def time_to_close(sock, limit_s=10.0) -> float:
+    start = time.monotonic()
+    sock.settimeout(limit_s)
+    assert read_reply_or_close(sock) is None
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("sent", [b"\x00\x40" + bytes.fromhex("6000030000603100"), b"\x00\x40", b"\x00"],
+                         ids=["prefix+body", "prefix-only", "half-prefix"])
+def test_partial_frame_times_out(limits_srv, sent):
+    t = limits_srv.terminal("T0000001", HOSPITAL)
+    assert t.sign_on().code == "00"
+    with limits_srv.connect() as sock:
+        sock.sendall(sent)
+        elapsed = time_to_close(sock)
+    assert 0.45 <= elapsed < 1.4, elapsed          # 500 ms (the sweep runs every 125 ms), not the 1.5 s idle
+    assert t.echo().code == "00"                   # the other connection is untouched
+
+
+def test_idle_connection_times_out(limits_srv):
+    t = limits_srv.terminal("T0000002", HOSPITAL2)
+    assert t.sign_on().code == "00"
+    with limits_srv.connect() as sock:
+        elapsed = time_to_close(sock)
+    assert 1.45 <= elapsed < 3.0, elapsed
+    assert t.sock.recv(10) == b""                  # idle since its sign-on as well: closed
+    t.close()
+    assert t.sign_on().code == "00" and t.echo().code == "00"
+
+
+# ---- 4. 1000 concurrent connections --------------------------------------------------------------
+
+def test_1000_concurrent_connections(srv):
+    assert raise_fd_limit(4096) >= 1100
+    terminals = []
+    for n in range(200, 250):                      # load terminals T1000200…T1000249, 20 connections each
+        t = srv.terminal(f"T{1000000 + n}", HOSPITAL)
+        assert t.sign_on().code == "00"
+        t.close()
+        terminals.append(t)
+    socks, expected = [], []
+    try:
+        for i in range(1000):
+            socks.append(srv.connect(timeout_s=30))
+        for i, sock in enumerate(socks):
+            t = terminals[i % len(terminals)]
+            request = cl.echo_request(**t.common())
+            expected.append((t, request["11"]))
+            sock.sendall(t.encode(request))
+        for sock, (t, stan) in zip(socks, expected):
+            reply = cl.parse_reply(cl.recv_frame(sock), t.mac_alg, t.mac_key)
+            assert (reply.mti, reply.code, reply.mac_ok, reply.fields["11"], reply.fields["41"]) == \
+                ("0830", "00", True, stan, t.tid)
+        assert srv.metric("yikatong_connections") >= 1000                        # all open at once
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# ---- 5. SIGKILL under load, restart, every approval is in the journal --------------------------
+
+def drive_medical(server, tid, cards, stop, approvals, errors, seed):
+    """One client thread: medical settlements, one at a time, until the connection breaks."""
+    rng = random.Random(seed)
+    t = server.terminal(tid, HOSPITAL, timeout_s=10.0)
+    try:
+        assert t.sign_on().code == "00"
+        while not stop.is_set():
+            k = rng.randrange(cards)
+            amount = rng.randint(100, 2000)
+            _, reply = med(t, pan(k), amount)
+            if reply.code in ("00", "10"):
+                assert reply.mac_ok
+                approvals.append((int(reply.fields["37"]), k, amount, reply.code))
+            else:
+                errors.append(reply.code)
+    except (OSError, ConnectionError, cl.FrameError):
+        pass
+    except Exception as e:                         # pragma: no cover - reported by the test
+        errors.append(repr(e))
+    finally:
+        t.close()
+
+
+def test_sigkill_under_load_then_restart(tmp_path):
+    from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
+    from yikatong.engine.layouts import Cmd, rc
+    from yikatong.engine.workload import generated_pan_hashes
+    from yikatong.ledger.journal import Journal
+
+    cards = 1000
+    data = tmp_path / "node"
+    server = ServerProcess(data, loop="uvloop", cards=cards)
+    approvals, errors, stop = [], [], threading.Event()
+    threads = [threading.Thread(target=drive_medical, args=(server, f"T{1000100 + i}", cards, stop, approvals,
+                                                             errors, i)) for i in range(4)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + 20
+    while len(approvals) < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.kill() == -signal.SIGKILL                # mid-stream
+    stop.set()
+    for th in threads:
+        th.join(30)
+    assert len(approvals) >= 300 and not errors, (len(approvals), errors[:5])
+
+    # restart on the same data directory (no --demo): the ledger is recovered from the journal
+    with ServerProcess(data, loop="uvloop", demo=False) as again:
+        t = again.terminal("T1000104", HOSPITAL)
+        assert t.sign_on().code == "00"
+        _, r = med(t, pan(0), 100)
+        assert r.code == "00"
+        assert int(r.fields["37"]) > max(a[0] for a in approvals)               # RRNs never reused
+        t.close()
+        assert again.terminate() == 0, again.log()[-3000:]
+
+    journal = Journal(str(data), readonly=True)
+    try:
+        records = journal.read()
+    finally:
+        journal.close()
+    q, res = records["request"], records["result"]
+    hashes = generated_pan_hashes(CardKeys(DEMO_DATA_KEY), cards)
+    ok = (q["cmd"] == Cmd.MED_SETTLE) & np.isin(res["code"], [rc("00"), rc("10")])
+    journaled = {(int(rrn), int(h), int(a)) for rrn, h, a in zip(res["rrn"][ok], q["pan_hash"][ok], q["amount_fen"][ok])}
+    missing = [a for a in approvals if (a[0], int(hashes[a[1]]), a[2]) not in journaled]
+    assert not missing, missing[:5]
+    result = run_yikatong("verify", "--data", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- 6. SIGTERM drains ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigterm_drains_in_flight_requests(tmp_path, loop):
+    data = tmp_path / "node"
+    server = ServerProcess(data, loop=loop, cards=1000)
+    killed = threading.Event()
+    outcomes = []                                  # (sent before SIGTERM, got a reply)
+    lock = threading.Lock()
+
+    def client(i):
+        t = server.terminal(f"T{1000150 + i}", HOSPITAL, timeout_s=20.0)
+        assert t.sign_on().code == "00"
+        rng = random.Random(i)
+        try:
+            while True:
+                k = rng.randrange(1000)
+                request = cl.medical_request(amount_fen=100, tlv=cl.medical_tlv(med_type="11", fo=0, ol=0, ps=0,
+                                                                                 is_=100), pan=pan(k), **t.common())
+                t.sock.sendall(t.encode(request))
+                before = not killed.is_set()
+                try:
+                    reply = cl.parse_reply(cl.recv_frame(t.sock), t.mac_alg, t.mac_key)
+                    got = reply.code == "00" and reply.mac_ok and reply.fields["11"] == request["11"]
+                except (OSError, ConnectionError):
+                    got = False
+                with lock:
+                    outcomes.append((before, got))
+                if not got:
+                    return
+        except (OSError, ConnectionError):
+            return
+        finally:
+            t.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    burst = server.terminal("T1000160", HOSPITAL, timeout_s=20.0)
+    assert burst.sign_on().code == "00"
+    requests = [cl.medical_request(amount_fen=100 + i, tlv=cl.medical_tlv(med_type="11", fo=0, ol=0, ps=0, is_=100 + i),
+                                   pan=pan(500 + i), **burst.common()) for i in range(200)]
+    while len(outcomes) < 100:
+        time.sleep(0.005)
+    burst.sock.sendall(b"".join(burst.encode(r) for r in requests))
+    killed.set()
+    server.proc.send_signal(signal.SIGTERM)
+    replies = {}
+    for _ in requests:                             # every burst request was sent before SIGTERM
+        reply = cl.parse_reply(cl.recv_frame(burst.sock), burst.mac_alg, burst.mac_key)
+        replies[reply.fields["11"]] = reply
+    assert sorted(replies) == sorted(r["11"] for r in requests)
+    assert all(r.code == "00" and r.mac_ok for r in replies.values())
+    assert burst.sock.recv(10) == b""              # then the connection closes
+    burst.close()
+    for th in threads:
+        th.join(30)
+    assert server.wait(30) == 0, server.log()[-3000:]
+    lost = [o for o in outcomes if o[0] and not o[1]]
+    assert not lost, f"{len(lost)} requests sent before SIGTERM got no reply"
+    assert sum(1 for o in outcomes if o[1]) >= 100
+    result = run_yikatong("verify", "--data", str(data))
+    assert result.returncode == 0, result.stdout + result.stderr
