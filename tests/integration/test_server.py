@@ -262,7 +262,7 @@ def test_pin_55_then_75_on_card_0041(srv):
     _, ok = med(t, CARD_PIN, 1000, pin="147258")
     assert (ok.code, ok.balance("91")) == ("00", 49000)
     codes = [med(t, CARD_PIN, 1000, pin="000000")[1].code for _ in range(6)]
-    assert codes[:5] == ["55"] * 5 and codes[5] in ("55", "75"), codes
+    assert codes == ["55"] * 5 + ["75"], codes                                 # the 6th wrong try locks
     _, locked = med(t, CARD_PIN, 1000, pin="147258")                           # right PIN, locked now
     assert (locked.code, locked.mac_ok) == ("75", True)
     _, no_pin = med(t, CARD_PIN, 1000)
@@ -523,7 +523,7 @@ def test_garbage_30_or_close_and_others_keep_working(srv):
 def limits_srv(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"limits-{request.param}")
     config = base / "server.toml"
-    config.write_text("[limits]\npartial_frame_timeout_ms = 500\nidle_timeout_ms = 1500\n")
+    config.write_text("[limits]\npartial_frame_timeout_ms = 500\nidle_timeout_ms = 3000\n")
     with ServerProcess(base / "node", loop=request.param, cards=100, config=str(config)) as server:
         yield server
         assert server.terminate() == 0, server.log()[-3000:]
@@ -544,7 +544,7 @@ def test_partial_frame_times_out(limits_srv, sent):
     with limits_srv.connect() as sock:
         sock.sendall(sent)
         elapsed = time_to_close(sock)
-    assert 0.45 <= elapsed < 1.4, elapsed          # 500 ms (the sweep runs every 125 ms), not the 1.5 s idle
+    assert 0.45 <= elapsed < 2.5, elapsed          # 500 ms (the sweep runs every 125 ms), not the 3 s idle
     assert t.echo().code == "00"                   # the other connection is untouched
 
 
@@ -553,7 +553,7 @@ def test_idle_connection_times_out(limits_srv):
     assert t.sign_on().code == "00"
     with limits_srv.connect() as sock:
         elapsed = time_to_close(sock)
-    assert 1.45 <= elapsed < 3.0, elapsed
+    assert 2.95 <= elapsed < 6.0, elapsed
     assert t.sock.recv(10) == b""                  # idle since its sign-on as well: closed
     t.close()
     assert t.sign_on().code == "00" and t.echo().code == "00"
