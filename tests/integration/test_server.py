@@ -724,3 +724,24 @@ def test_sigterm_drains_in_flight_requests(tmp_path, loop):
     assert sum(1 for o in outcomes if o[1]) >= 100
     result = run_yikatong("verify", "--data", str(data))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bad_macs_on_management_messages_count_too(srv):
+    """§3.3: three consecutive bad MACs — whatever the message — force a new sign-on."""
+    t = load_terminal(srv)
+    good = t.mac_key
+    t.mac_key = bytes(16)
+    replies = [t.echo() for _ in range(3)]
+    t.mac_key = good
+    assert [(r.code, r.sign_on_requested) for r in replies] == [("A0", False), ("A0", False), ("A0", True)]
+    assert all(cl.verify(r.body, "x9.19", good) for r in replies)
+    r = t.echo()
+    assert (r.code, r.sign_on_requested) == ("77", True)
+    assert t.sign_on().code == "00"
+    # a good MAC in between resets the count: two bad, one good, two bad → still signed on
+    good = t.mac_key
+    for bad_run in (2, 2):
+        t.mac_key = bytes(16)
+        assert [t.echo().code for _ in range(bad_run)] == ["A0"] * bad_run
+        t.mac_key = good
+        assert t.echo().code == "00"
