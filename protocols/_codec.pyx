@@ -808,6 +808,7 @@ cdef class Codec:
         cdef bint approved = code == RC_00 or code == RC_10
         cdef bint card_read = w.kind == WK_ENGINE and r.card_slot >= 0 and (q.pre_code == 0)
         cdef int i, which
+        cdef int64_t fin_now, ins_now
         if code == 0:
             code = RC_30
         # TPDU: destination and source swapped; header echoed, nibble 3 asks for a sign-on
@@ -874,10 +875,19 @@ cdef class Codec:
                 which = 2
             start = p
             p += 2
+            # FIX (tests/integration/test_server.py pre-settlement): an approved pre-settlement's
+            # result holds the balances as they would be had it posted (they go to IB / BB in
+            # field 62); PROTOCOL.md §3.5 wants the *current* balances in field 54, i.e. before
+            # this card's own legs (the aid leg is the payer's account, not this card's).
+            fin_now = r.fin_balance_fen
+            ins_now = r.ins_balance_fen
+            if approved and q.cmd == CMD_MED_PRESETTLE:
+                fin_now = r.fin_balance_fen + r.fin_leg_fen
+                ins_now = r.ins_balance_fen + r.ins_leg_fen
             if which & 1:
-                p += put_balance(o + p, b"10", r.fin_balance_fen)
+                p += put_balance(o + p, b"10", fin_now)
             if which & 2:
-                p += put_balance(o + p, b"91", r.ins_balance_fen)
+                p += put_balance(o + p, b"91", ins_now)
             put_bcd(o + start, <uint64_t>(p - start - 2), 4)
             bitmap |= bit_of(54)
         if w.f60_len:                                # 60 echoed
