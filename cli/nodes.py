@@ -10,8 +10,14 @@ def init_demo_node(data_dir: str, generated_cards: int = 100_000, checkpoint_eve
     settings = NodeSettings(config=demo_config(), card_capacity=len(NAMED_CARDS) + generated_cards + spare_cards,
                             checkpoint_every_records=checkpoint_every_records,
                             txn_retention_count=txn_retention_count)
-    return Node.init(data_dir, settings, genesis_batches(CardKeys(DEMO_DATA_KEY), generated_cards),
+    node = Node.init(data_dir, settings, genesis_batches(CardKeys(DEMO_DATA_KEY), generated_cards),
                      business_date or today())
+    # DEMO.md: every demo terminal has the same TMK; at rest it is encrypted under the master key
+    from yikatong.engine.demo import DEMO_TMK_HEX
+    from yikatong.protocols import keystore
+    tmk = bytes.fromhex(DEMO_TMK_HEX)
+    keystore.save(data_dir, keystore.master_key(data_dir), {t.terminal_id: tmk for t in settings.config.terminals})
+    return node
 
 
 def node_keys():

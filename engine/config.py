@@ -51,7 +51,8 @@ class TerminalSpec(msgspec.Struct, forbid_unknown_fields=True):
     terminal_id: str                     # field 41, 8 characters
     institution: str                     # field 42 code
     mac_algorithm: Literal["x9.19", "cups-ecb"] = "x9.19"
-    tmk_hex: str = ""                    # terminal master key; demo only: production keys come encrypted
+    # The terminal master key is not configuration: it lives encrypted under the node master key
+    # in the data directory's keys.json (protocols/keystore.py).
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):

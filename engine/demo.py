@@ -48,11 +48,11 @@ def demo_config() -> NodeConfig:
         InstitutionSpec("B11000000000001", "bank", bj),
         InstitutionSpec("M11000000000001", "merchant", bj),
     ]
-    terminals = [TerminalSpec(f"T000000{i}", inst, tmk_hex=DEMO_TMK_HEX) for i, inst in enumerate(
+    terminals = [TerminalSpec(f"T000000{i}", inst) for i, inst in enumerate(
         ["H11000000000001", "H11000000000002", "H31000000000001", "P11000000000001",
          "B11000000000001", "M11000000000001"], start=1)]
-    terminals.append(TerminalSpec("T0000007", "H11000000000001", "cups-ecb", DEMO_TMK_HEX))
-    terminals += [TerminalSpec(f"T1{k:06d}", "H11000000000001", tmk_hex=DEMO_TMK_HEX) for k in range(256)]
+    terminals.append(TerminalSpec("T0000007", "H11000000000001", "cups-ecb"))
+    terminals += [TerminalSpec(f"T1{k:06d}", "H11000000000001") for k in range(256)]
     return NodeConfig(
         institution_id=ENGINE_INSTITUTION_ID,
         regions=[RegionSpec(bj, "Beijing 北京", 7), RegionSpec(sh, "Shanghai 上海", 7)],

@@ -100,7 +100,9 @@ class Terminals:
     def __init__(self, node, config):
         self.specs = config.terminals
         self.keys = _security.TerminalKeys(np.array([MAC_ALGORITHMS[t.mac_algorithm] for t in self.specs], np.uint8))
-        self.tmk = [bytes.fromhex(t.tmk_hex) if t.tmk_hex else None for t in self.specs]
+        from . import keystore
+        tmks = keystore.load(node.data_dir, keystore.master_key(node.data_dir))
+        self.tmk = [tmks.get(t.terminal_id) for t in self.specs]
         self.path = os.path.join(node.data_dir, "terminals.json")
         count = len(self.specs)
         self.batch_no = np.ones(count, np.int64)
