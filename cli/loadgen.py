@@ -323,7 +323,7 @@ async def _open_loop_ticker(run):
             continue
         times = start + (scheduled + np.arange(due)) / rate
         scheduled += due
-        per = max(1, due // len(conns))
+        per = max(32, due // len(conns))       # chunks of ≥ 32: Python per chunk, not per message
         for i in range(0, due, per):
             conn = conns[k % len(conns)]
             k += 1
