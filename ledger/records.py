@@ -26,6 +26,9 @@ RECORD_DTYPE = np.dtype([
     ("result", RESULT_DTYPE),
 ])
 assert RECORD_DTYPE.itemsize == 304, RECORD_DTYPE.itemsize
+_REQUEST_AT = RECORD_DTYPE.fields["request"][1]
+_RESULT_AT = RECORD_DTYPE.fields["result"][1]
+assert _RESULT_AT == _REQUEST_AT + REQUEST_DTYPE.itemsize and _RESULT_AT + RESULT_DTYPE.itemsize == 304
 
 
 def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int,
@@ -37,8 +40,11 @@ def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int
     records["layout_version"] = RECORD_LAYOUT_VERSION
     records["record_kind"] = KIND_COMMAND
     records["business_date"] = business_date
-    records["request"] = requests
-    records["result"] = results[:n]
+    # The request and result rows go in as bytes: a structured field assignment of a nested
+    # dtype copies field by field (~10× slower), and both layouts are fixed and asserted.
+    raw = records.view(np.uint8).reshape(n, RECORD_DTYPE.itemsize)
+    raw[:, _REQUEST_AT:_RESULT_AT] = np.ascontiguousarray(requests).view(np.uint8).reshape(n, REQUEST_DTYPE.itemsize)
+    raw[:, _RESULT_AT:] = np.ascontiguousarray(results[:n]).view(np.uint8).reshape(n, RESULT_DTYPE.itemsize)
     sanitize_requests(records["request"], records["result"])
     return records
 

@@ -424,19 +424,25 @@ class Server:
             if reply is not None:
                 extra.append((int(i), reply))
         engine_rows = np.flatnonzero(kind == WK_ENGINE)
-        results = new_results(n)
         ticket = None
+        every = len(engine_rows) == n               # the usual case: no copies of the rows
         if len(engine_rows):
-            sub = requests[engine_rows] if len(engine_rows) != n else requests
+            sub = requests if every else requests[engine_rows]
             ticket, sub_results = self.node.submit(sub)
-            results[engine_rows] = sub_results
-            self.terminals.count_batch(sub, sub_results, wires[engine_rows])
+            if every:
+                results = sub_results
+            else:
+                results = new_results(n)
+                results[engine_rows] = sub_results
+            self.terminals.count_batch(sub, sub_results, wires if every else wires[engine_rows])
             self.metrics.batches += 1
             self.metrics.batch_sizes[np.searchsorted(BATCH_BUCKETS, len(engine_rows))] += 1
             cmds, codes = sub["cmd"], sub_results["code"]
             pairs, counts = np.unique(cmds.astype(np.uint32) << 16 | codes, return_counts=True)
             for p, c in zip(pairs.tolist(), counts.tolist()):
                 self.metrics.messages[(CMD_NAMES.get(p >> 16, str(p >> 16)), rc_str(p & 0xFFFF))] += c
+        else:
+            results = new_results(n)
         invalid = kind == 0
         if invalid.any():
             self._log_rejects(wires, requests, np.flatnonzero(invalid))
