@@ -1,5 +1,7 @@
-"""The hot path has no Python per message: in `cython -a` of engine/_core.pyx every line of every
-`noexcept nogil` function is white (score 0: no Python C-API call)."""
+"""The hot path has no Python per message: in `cython -a` of the per-message modules
+(engine/_core.pyx, protocols/_codec.pyx, protocols/_security.pyx, protocols/_client.pyx) every line
+of every `noexcept nogil` function and of every `with nogil:` block is white (score 0: no Python
+C-API call)."""
 import html
 import pathlib
 import re
@@ -12,14 +14,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def annotate(tmp_path) -> list[tuple[int, str]]:
+def annotate(tmp_path, source: str = "engine/_core.pyx") -> list[tuple[int, str]]:
     cython = shutil.which("cython", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("cython")
     if cython is None:
         pytest.fail("cython is not installed in this environment (it is a build requirement)")
-    out = tmp_path / "_core.c"
+    stem = pathlib.Path(source).stem
+    out = tmp_path / f"{stem}.c"
     subprocess.run([cython, "-3", "-a", "-I", str(ROOT / "build" / "cython-include"),
-                    str(ROOT / "engine" / "_core.pyx"), "-o", str(out)], check=True, capture_output=True)
-    page = (tmp_path / "_core.html").read_text()
+                    str(ROOT / source), "-o", str(out)], check=True, capture_output=True)
+    page = (tmp_path / f"{stem}.html").read_text()
     rows = re.findall(r'<pre class="cython line score-(\d+)"[^>]*>(.*?)</pre>', page, re.S)
     return [(int(score), re.sub(r"<[^>]+>", "", html.unescape(text))) for score, text in rows]
 
@@ -56,3 +59,44 @@ def test_hot_loop_is_white(tmp_path):
     yellow = [(h.split("(")[0], code.strip()) for h, score, code in lines if score > 0]
     assert yellow == [], yellow
     assert len(lines) > 400
+
+
+def nogil_lines(rows):
+    """(where, score, line) for every line of an indented `noexcept nogil` method or function and
+    of every `with nogil:` block (indentation decides where each ends)."""
+    owner, owner_indent, pending = None, -1, None
+    for score, text in rows:
+        code = re.sub(r"^\+?\s*\d+:\s?", "", text)
+        stripped = code.strip()
+        indent = len(code) - len(code.lstrip())
+        if owner is not None and stripped and not stripped.startswith("#") and indent <= owner_indent:
+            owner = None
+        if owner is None:
+            if pending is not None:
+                pending = (pending[0] + " " + stripped, pending[1])
+            elif re.match(r"(cdef|def|cpdef)\b[^=]*\(", stripped) or stripped == "with nogil:":
+                pending = (stripped, indent)
+            if pending is not None and pending[0].endswith(":"):
+                header, at = pending
+                pending = None
+                if header == "with nogil:" or (header.startswith("cdef") and "nogil" in header):
+                    owner, owner_indent = header, at
+            continue
+        if stripped:
+            yield owner, score, stripped
+
+
+@pytest.mark.parametrize("source, required", [
+    ("protocols/_codec.pyx", ("cdef int parse_fields", "cdef int fill_request", "cdef Py_ssize_t encode_reply",
+                              "cdef int _medical_tlv", "with nogil:")),
+    ("protocols/_security.pyx", ("with nogil:",)),
+    ("protocols/_client.pyx", ("with nogil:",)),
+])
+def test_protocol_hot_paths_are_white(tmp_path, source, required):
+    lines = list(nogil_lines(annotate(tmp_path, source)))
+    owners = {h.split("(")[0] for h, _, _ in lines}
+    for name in required:
+        assert name in owners, f"{source}: {name} not found among the nogil code ({sorted(owners)[:20]})"
+    yellow = [(h.split("(")[0], code) for h, score, code in lines if score > 0]
+    assert yellow == [], yellow
+    assert len(lines) > 20
