@@ -313,6 +313,18 @@ ctypedef struct State:
     uint8_t pin_tries_social_max
     uint8_t pin_tries_bank_max
 
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64 finaliser. Index keys are keyed hashes already (SipHash of the PAN, of the
+    # person, the codec's duplicate-key hash), so the indexes use their low bits directly; only
+    # structured keys (the reversal key terminal | batch | stan, the codec's terminal ids) go
+    # through here.
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
 cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, size_t length) noexcept nogil
 cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
                     uint32_t business_date) noexcept nogil

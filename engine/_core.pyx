@@ -73,16 +73,6 @@ cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, siz
     return v0 ^ v1 ^ v2 ^ v3
 
 
-cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
-    # splitmix64 finaliser. Index keys are keyed hashes already (SipHash of the PAN, of the
-    # person, the codec's duplicate-key hash), so the indexes use their low bits directly; only
-    # the structured reversal key (terminal | batch | stan) goes through here once.
-    x ^= x >> 30
-    x *= 0xbf58476d1ce4e5b9ULL
-    x ^= x >> 27
-    x *= 0x94d049bb133111ebULL
-    x ^= x >> 31
-    return x
 
 
 def siphash(bytes key16 not None, bytes data not None):

@@ -24,7 +24,7 @@ cimport numpy as cnp
 import numpy as np
 
 from yikatong.engine._core cimport (
-    Request, Result, siphash24,
+    Request, Result, siphash24, mix64,
     CMD_BALANCE, CMD_PURCHASE, CMD_VOID, CMD_REFUND, CMD_MED_SETTLE, CMD_MED_CANCEL,
     CMD_MED_PRESETTLE, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_REVERSAL,
     RC_00, RC_10, RC_12, RC_30, REQ_AU, REQ_PA, REQ_FP, REQ_PIN)
@@ -282,15 +282,6 @@ cdef inline uint64_t load8(const uint8_t* p) noexcept nogil:
     return v
 
 
-cdef inline uint64_t mix(uint64_t x) noexcept nogil:
-    x ^= x >> 33
-    x *= 0xff51afd7ed558ccdULL
-    x ^= x >> 33
-    x *= 0xc4ceb9fe1a85ec53ULL
-    x ^= x >> 33
-    return x
-
-
 # Keys of the two content hashes. Not secret: they only have to stay the same across restarts,
 # because the idempotency index is rebuilt from the journal by replay.
 cdef uint64_t IDEM_K0 = 0x79696b61746f6e67ULL   # "yikatong"
@@ -358,7 +349,7 @@ cdef class Codec:
             key = load8(<const uint8_t*>PyBytes_AS_STRING(raw))
             if self._term_find(key) >= 0:
                 raise ValueError(f"terminal id #{index} registered twice")
-            h = mix(key) & self.term_mask
+            h = mix64(key) & self.term_mask
             while self.term_vals[h] >= 0:
                 h = (h + 1) & self.term_mask
             self.term_keys[h] = key
@@ -378,7 +369,7 @@ cdef class Codec:
             self.inst_vals[h] = index
 
     cdef inline int32_t _term_find(self, uint64_t key) noexcept nogil:
-        cdef uint64_t h = mix(key) & self.term_mask
+        cdef uint64_t h = mix64(key) & self.term_mask
         while self.term_vals[h] >= 0:
             if self.term_keys[h] == key:
                 return self.term_vals[h]
