@@ -27,13 +27,14 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     idle_timeout_ms: int = 300_000           # a connection with no frame for this long is closed
     partial_frame_timeout_ms: int = 10_000   # a frame begun but not finished for this long → close
     write_buffer_high_bytes: int = 1 << 20   # replies queued to a slow reader; above → stop reading it
+    batch_linger_us: int = 1000              # with batches waiting for the disk, gather new frames this long (0 = off)
     batches_in_flight_max: int = 8           # batches applied, not yet durable (the writer commits the queued ones together)
     drain_timeout_ms: int = 30_000           # SIGTERM: in-flight batches must commit within this
 
     def check(self):
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if value <= 0:
+            if value < 0 or (value == 0 and name != "batch_linger_us"):
                 raise ValueError(f"limits.{name}: expecting a positive number")
         if not 21 <= self.frame_bytes_max <= 65535:
             raise ValueError("limits.frame_bytes_max: expecting 21..65535 (the length prefix is 2 bytes)")

@@ -266,6 +266,7 @@ class Server:
         self.pending_runs = []            # [connection, frame count] in arrival order
         self.inflight = collections.deque()
         self.flush_scheduled = False
+        self.pending_since = 0.0
         self.draining = False
         self.failed = None
         self.loop = None
@@ -374,6 +375,8 @@ class Server:
 
     # ---- the batcher -----------------------------------------------------------------------
     def enqueue(self, conn, frames):
+        if not self.pending_frames:
+            self.pending_since = self.loop.time()
         self.pending_frames += frames
         self.pending_runs.append([conn, len(frames)])
         if not self.flush_scheduled:
@@ -389,6 +392,16 @@ class Server:
             return
         if len(self.inflight) >= self.limits.batches_in_flight_max:
             return                     # the next ack flushes
+        if self.inflight and len(self.pending_frames) < self.limits.batch_size_max and not self.draining:
+            # Linger: with batches already waiting for the disk, frames arriving now wait for the
+            # commit in progress anyway; gather them for up to batch_linger_us into one batch
+            # (the per-batch work is paid once) rather than one batch per loop iteration.
+            waited = self.loop.time() - self.pending_since
+            linger = self.limits.batch_linger_us / 1e6
+            if waited < linger:
+                self.flush_scheduled = True
+                self.loop.call_later(linger - waited, self._flush)
+                return
         n = min(len(self.pending_frames), self.limits.batch_size_max)
         frames = self.pending_frames[:n]
         del self.pending_frames[:n]
@@ -402,6 +415,7 @@ class Server:
                 self.pending_runs.pop(0)
             else:
                 self.pending_runs[0][1] = k - take
+        self.pending_since = self.loop.time()
         try:
             self._process(frames, runs)
         except LedgerError as e:
