@@ -460,6 +460,9 @@ class Server:
         invalid = kind == 0
         if invalid.any():
             self._log_rejects(wires, requests, np.flatnonzero(invalid))
+        # One output buffer per batch, written by the encoder and handed to the transports as
+        # slices: not reused across batches, because uvloop keeps a reference to what a socket
+        # could not take yet (no copy) until it is sent.
         out = bytearray(n * _codec.REPLY_BYTES_MAX)
         now = datetime.datetime.now()
         self.codec.encode_replies(wires, requests, results, n, out, self.node.business_date,
