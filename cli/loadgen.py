@@ -127,7 +127,9 @@ class LoadConnection(asyncio.Protocol):
         used = self.factory.build(kinds, stans.astype(np.uint32), cards, amounts, self.out)
         self.send_time[stans & (RING - 1)] = time.perf_counter() if scheduled is None else scheduled[:count]
         self.sent_kind[stans & (RING - 1)] = kinds
-        self.transport.write(memoryview(self.out)[:used])
+        # a copy: uvloop keeps a reference to what the socket could not take yet, and self.out
+        # is rewritten by the next send
+        self.transport.write(bytes(memoryview(self.out)[:used]))
         self.inflight += count
         self.run.sent += count
         return count
