@@ -106,21 +106,61 @@ class Terminals:
         self.path = os.path.join(node.data_dir, "terminals.json")
         count = len(self.specs)
         self.batch_no = np.ones(count, np.int64)
+        self.opened_at_seq = np.zeros(count, np.int64)      # journal sequence when the open batch began
         if os.path.exists(self.path):
             saved = json.load(open(self.path))
             for i, t in enumerate(self.specs):
-                self.batch_no[i] = saved.get(t.terminal_id, 1)
+                self.batch_no[i], self.opened_at_seq[i] = saved.get(t.terminal_id, (1, 0))
         self.debit_fen = np.zeros(count, np.int64)
         self.debit_count = np.zeros(count, np.int64)
         self.credit_fen = np.zeros(count, np.int64)
         self.credit_count = np.zeros(count, np.int64)
+        self.recover_totals(node.journal)
 
     def save(self):
         from yikatong.ledger.node import _write_durably
-        _write_durably(self.path, json.dumps({t.terminal_id: int(b) for t, b in zip(self.specs, self.batch_no)}).encode())
+        _write_durably(self.path, json.dumps({t.terminal_id: (int(b), int(s)) for t, b, s in zip(
+            self.specs, self.batch_no, self.opened_at_seq)}).encode())
 
-    def count_batch(self, requests, results, wires):
-        """Add a batch's approved, first-time effects to the terminals' open-batch totals."""
+    def recover_totals(self, journal, chunk_records: int = 1 << 20):
+        """The open batches' totals from the journal (after a restart the 0500 still compares
+        with the ledger): one vectorised pass over the records since the oldest open batch."""
+        from yikatong.ledger.records import KIND_COMMAND
+        first = int(self.opened_at_seq.min()) + 1 if len(self.opened_at_seq) else 1
+        parts = []
+        for a in range(first, journal.last_seq + 1, chunk_records):
+            recs = journal.read(a, min(journal.last_seq, a + chunk_records - 1))
+            q, r = recs["request"], recs["result"]
+            t = q["terminal_index"]
+            ok = (recs["record_kind"] == KIND_COMMAND) & (t >= 0) & (t < len(self.batch_no))
+            ok &= q["batch_no"] == self.batch_no[np.clip(t, 0, len(self.batch_no) - 1)]
+            if ok.any():
+                parts.append(recs[ok].copy())
+        if not parts:
+            return
+        recs = np.concatenate(parts)
+        q, r = recs["request"], recs["result"]
+        # what a reversal reversed: its original is in the same open batch, found by RRN
+        rrn, cmd = r["rrn"], q["cmd"].astype(np.int64)
+        order = np.argsort(rrn, kind="stable")
+        at = np.clip(np.searchsorted(rrn[order], r["orig_rrn"]), 0, len(rrn) - 1)
+        found = rrn[order][at] == r["orig_rrn"]
+        orig_cmd = np.where((cmd == Cmd.REVERSAL) & found, cmd[order][at], 0)
+        self.count_batch(q, r, orig_cmd)
+
+    @staticmethod
+    def reversed_commands(requests, wires):
+        """For the live path: the command each reversal reverses, from its 60.1 (0 elsewhere)."""
+        orig = np.zeros(len(requests), np.int64)
+        rev = requests["cmd"] == Cmd.REVERSAL
+        if rev.any():
+            for f60_1, c in REVERSED_BY_60_1.items():
+                orig[rev & (wires["f60_1"] == f60_1)] = c
+        return orig
+
+    def count_batch(self, requests, results, orig_cmd):
+        """Add a batch's approved, first-time effects to the terminals' open-batch totals
+        (`orig_cmd`: for a reversal, the command it reversed)."""
         ok = ((results["code"] == RC_00) | (results["code"] == RC_10)) & ((results["outcome_flags"] & RES_DUPLICATE) == 0)
         t = requests["terminal_index"]
         ok &= (t >= 0) & (requests["batch_no"] == self.batch_no[np.maximum(t, 0)])
@@ -130,10 +170,7 @@ class Terminals:
         sign = np.ones(len(cmd), np.int64)
         rev = cmd == Cmd.REVERSAL
         if rev.any():
-            orig = np.zeros(len(cmd), np.int64)
-            for f60_1, c in REVERSED_BY_60_1.items():
-                orig[wires["f60_1"] == f60_1] = c
-            cmd = np.where(rev, orig, cmd)
+            cmd = np.where(rev, orig_cmd, cmd)
             sign = np.where(rev, -1, 1)
             ok &= ~(rev & ((results["outcome_flags"] & RES_TOMBSTONE) != 0))
         amount = requests["amount_fen"]
@@ -448,7 +485,8 @@ class Server:
             else:
                 results = new_results(n)
                 results[engine_rows] = sub_results
-            self.terminals.count_batch(sub, sub_results, wires if every else wires[engine_rows])
+            self.terminals.count_batch(sub, sub_results, Terminals.reversed_commands(
+                sub, wires if every else wires[engine_rows]))
             self.metrics.batches += 1
             self.metrics.batch_sizes[np.searchsorted(BATCH_BUCKETS, len(engine_rows))] += 1
             cmds, codes = sub["cmd"], sub_results["code"]
@@ -623,6 +661,7 @@ class Server:
         log.info("batch settlement (批结算)", extra={"event": "batch_settle", "terminal": T.specs[t].terminal_id,
                                                    "batch": int(T.batch_no[t]), "balanced": result == "1"})
         T.batch_no[t] = T.batch_no[t] % 999999 + 1
+        T.opened_at_seq[t] = self.node.journal.last_seq       # the new batch's records all come later
         T.debit_fen[t] = T.debit_count[t] = T.credit_fen[t] = T.credit_count[t] = 0
         T.save()
         return ours + result + "0" * 30 + "0"

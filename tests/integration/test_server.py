@@ -745,3 +745,26 @@ def test_bad_macs_on_management_messages_count_too(srv):
         assert [t.echo().code for _ in range(bad_run)] == ["A0"] * bad_run
         t.mac_key = good
         assert t.echo().code == "00"
+
+
+def test_batch_totals_survive_a_restart(tmp_path):
+    """The 0500 compares with the ledger even after a restart: the open batch's totals are
+    rebuilt from the journal (a reversal takes its original out again; a settled batch's records
+    are not counted in the next one)."""
+    data = tmp_path / "node"
+    with ServerProcess(data, cards=100) as s:
+        t = s.terminal("T1000251", HOSPITAL)
+        assert t.sign_on().code == "00"
+        med(t, pan(30), 1000)
+        assert t.batch_settlement(1000, 1).fields["48"][30] == "1"          # batch 1 settled
+        t.batch = "000002"
+        assert med(t, pan(30), 2000)[1].code == "00"
+        assert med(t, pan(32), 4000)[1].code == "00"
+        r_req, r = med(t, pan(34), 8000)
+        assert r.code == "00" and t.reversal(r_req).code == "00"
+        assert s.terminate() == 0
+    with ServerProcess(data, demo=False) as s:
+        t = s.terminal("T1000251", HOSPITAL)
+        assert t.sign_on().fields["60"] == "00000002003"
+        r = t.batch_settlement(6000, 2)
+        assert (r.code, r.fields["48"][:31]) == ("00", f"{6000:012d}{2:03d}{0:012d}{0:03d}1")
