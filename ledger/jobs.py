@@ -3,6 +3,11 @@ institution settlement, cross-region clearing (异地清算), Parquet export. Th
 bulk (one numpy array), flattened into an Arrow table, and every job is SQL run by DuckDB over it,
 so the same queries run on Spark SQL over exported Parquet at national scale (docs/operations.md).
 
+对总账 has a fast path (`totals_of`, `totals_of_journal`): one nogil pass over the fixed records
+(ledger/_totals.pyx) sums them into a few dozen groups, and DuckDB orders the groups and joins
+them with the counterpart's file. Same answer as `totals` over `flatten`, ≈ 20× sooner; it
+falls back to the SQL path on a journal whose order it cannot trust (see _totals.pyx).
+
 Signs: a leg is what an account paid (negative: credited back). A settlement's medical total
 counts +1, its cancel or reversal −1, so every job nets cancels and reversals out.
 """
@@ -110,8 +115,71 @@ def run_sql(con, name: str, **params):
 
 
 def totals(con, date_from: int, date_to: int) -> pa.Table:
-    """对总账: per insurance type, clearing type, clearing agency."""
+    """对总账: per insurance type, clearing type, clearing agency (SQL over the flattened journal)."""
     return run_sql(con, "totals", date_from=date_from, date_to=date_to)
+
+
+def totals_scan(record_count: int, config, date_from: int, date_to: int):
+    """A fresh 对总账 scan (ledger/_totals.pyx) for `record_count` records: feed it, then
+    `totals_from_scan`."""
+    from ._totals import TotalsScan
+    inst_region = np.array([x.region for x in config.institutions], dtype=np.int64)
+    return TotalsScan(record_count, inst_region, date_from, date_to)
+
+
+def totals_from_scan(scan, con=None) -> pa.Table | None:
+    """The scan's groups, ordered and typed by sql/totals_groups.sql: exactly `totals`' table.
+    None when the scan could not vouch for its answer (`scan.fallback_reason`)."""
+    groups = scan.groups()
+    if groups is None:
+        return None
+    ins_type, region, local, sums = groups
+    table = pa.table({
+        "ins_type": pa.array(ins_type, pa.int64()),
+        "clearing_type": pa.array(np.where(local, "local", "cross-region").tolist(), pa.string()),
+        "clearing_agency": pa.array(region, pa.int64()),
+        **{name: pa.array(np.ascontiguousarray(sums[:, i]), pa.int64()) for i, name in enumerate(
+            ("medical_total_fen", "fund_fen", "insurance_account_fen", "financial_account_fen", "settlement_count"))}})
+    if con is None:
+        import duckdb
+        con = duckdb.connect()
+    con.register("totals_groups", table)
+    return con.sql(open(os.path.join(SQL_DIR, "totals_groups.sql")).read()).to_arrow_table()
+
+
+def totals_of(records: np.ndarray, config, date_from: int, date_to: int, con=None) -> pa.Table:
+    """对总账 of records in memory: the fast scan, or the SQL path if the scan falls back.
+
+    >>> totals_of(journal.read(), config, 20261124, 20261124).to_pylist()   # doctest: +SKIP
+    [{'ins_type': 310, 'clearing_type': 'local', 'clearing_agency': 110000, ...}]
+    """
+    scan = totals_scan(records.shape[0], config, date_from, date_to)
+    scan.feed(records.view(np.uint8))
+    table = totals_from_scan(scan, con)
+    if table is None:
+        table = totals(connect(flatten(records), dimensions(config, records)), date_from, date_to)
+    return table
+
+
+def totals_of_journal(data_dir: str, date_from: int, date_to: int) -> pa.Table:
+    """对总账 straight from a node's journal (read-only, beside a running node or a stopped one):
+    the scan reads each batch where LMDB keeps it, with no copy of the journal."""
+    import msgspec
+    from .journal import Journal
+    from .node import NodeSettings
+    settings = msgspec.json.decode(open(os.path.join(data_dir, "node.json"), "rb").read(), type=NodeSettings)
+    journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes, readonly=True)
+    try:
+        last = journal.last_seq                      # the tail at open; a running node may append more
+        scan = totals_scan(last, settings.config, date_from, date_to)
+        journal.feed(scan.feed, 1, last)
+        table = totals_from_scan(scan)
+        if table is None:
+            records = journal.read(1, last)
+            table = totals(connect(flatten(records), dimensions(settings.config, records)), date_from, date_to)
+        return table
+    finally:
+        journal.close()
 
 
 def clearing(con, month: int) -> tuple[pa.Table, pa.Table]:

@@ -293,13 +293,31 @@ class Journal:
         # One copy: each batch's slice goes straight from the transaction's memory into its place.
         out = np.empty(last - first + 1, dtype=RECORD_DTYPE)
         out_bytes = out.view(np.uint8)                 # raw copies: a structured assignment is field by field
+        filled = 0
+
+        def copy(value):
+            nonlocal filled
+            out_bytes[filled:filled + len(value)] = np.frombuffer(value, np.uint8)
+            filled += len(value)
+
+        self.feed(copy, first, last)
+        return out
+
+    def feed(self, consumer, first: int = 1, last: int | None = None) -> int:
+        """Records first..last in order, as the raw bytes of each batch's slice, straight from the
+        read transaction's memory (no copy): `consumer(memoryview)` per batch, valid only during
+        the call. For scans that need no array of the whole journal (jobs._totals). Returns the
+        number of records fed."""
+        last = self.last_seq if last is None else min(last, self.last_seq)
+        if last < first:
+            return 0
         size = RECORD_DTYPE.itemsize
         filled = 0
         with self.env.begin(buffers=True) as txn:
             cur = txn.cursor(db=self.journal_db)
             if not cur.set_range(be64(first)) or struct.unpack(">Q", bytes(cur.key()))[0] > first:
                 if not cur.prev() and not cur.first():
-                    return np.zeros(0, dtype=RECORD_DTYPE)
+                    return 0
             while True:
                 start = struct.unpack(">Q", bytes(cur.key()))[0]
                 if start > last:
@@ -315,13 +333,13 @@ class Journal:
                     if start + lo != first + filled:
                         raise CorruptLedgerError(f"journal: sequence {first + filled} expected, batch at "
                                                  f"{start} gives {start + lo}")
-                    out_bytes[filled * size:(filled + hi - lo) * size] = np.frombuffer(value, np.uint8)[lo * size:hi * size]
+                    consumer(value[lo * size:hi * size] if (lo, hi) != (0, count) else value)
                     filled += hi - lo
                 if not cur.next():
                     break
-        if filled != out.shape[0]:
+        if filled != last - first + 1:
             raise CorruptLedgerError(f"journal: records {first + filled}…{last} missing")
-        return out
+        return filled
 
     def batches(self):
         """(header, records) of every batch in order — for replay and verify."""

@@ -73,7 +73,20 @@ class Node:
 
     def cutover(self, new_business_date: int | None = None) -> int:
         """日切: journal a cutover record; every command after it lands on the new business date
-        (the ledger assigns the date at commit, so each transaction is on exactly one side)."""
+        (the ledger assigns the date at commit, so each transaction is on exactly one side).
+        Returns the new date once the record is durable."""
+        new, ticket = self.submit_cutover(new_business_date)
+        self.wait_durable(ticket)
+        return new
+
+    def submit_cutover(self, new_business_date: int | None = None) -> tuple[int, int]:
+        """日切 without waiting (the server, between batches, under load): the cutover record
+        goes to the writer after every batch submitted so far and before any later one, so the
+        batches before it keep the old date and the ones after it get the new. Returns (new
+        date, ticket); like a batch, it is durable once `wait_durable(ticket)` returned, and the
+        writer commits in ticket order, so no later reply leaves before it is durable."""
+        if self.failed:
+            raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
         new = new_business_date or self.next_day(self.business_date)
         if new <= self.business_date:
             raise LedgerError(f"cutover to {new}: the business date is already {self.business_date}")
@@ -83,13 +96,13 @@ class Node:
         record["record_kind"] = KIND_CUTOVER
         record["business_date"] = new
         try:
-            self.journal.append(record, new)
+            ticket = self.journal.submit(record, new)
         except Exception as e:
             self.failed = str(e)
             raise
         log.info("cutover (日切): business date %d → %d at sequence %d", self.business_date, new, self.journal.last_seq)
         self.business_date = new
-        return new
+        return new, ticket
 
     # ---- creation and recovery --------------------------------------------------------------
     @classmethod

@@ -357,16 +357,36 @@ class Server:
         self.loop.call_later(min(1.0, partial_s / 4), self._sweep)
 
     def _maybe_cutover(self):
-        """日切 at the configured local time: between batches, with nothing in flight."""
+        """日切 at the configured local time, once the calendar date passed the business date."""
         at = self.config.server.cutover_time
-        if not at or self.inflight:
+        if not at:
             return
         now = datetime.datetime.now()
         hh, mm = (int(x) for x in at.split(":"))
         today = now.year * 10000 + now.month * 100 + now.day
         if (now.hour, now.minute) >= (hh, mm) and self.node.business_date < today:
-            self.node.cutover(today)
-            log.info("daily cutover (日切)", extra={"event": "cutover", "business_date": today})
+            self.cutover(today)
+
+    def cutover(self, new_business_date: int | None = None) -> None:
+        """日切 now (the configured time, or SIGUSR1 for the next day), under load: this runs on
+        the loop between two batches, so every batch applied before it keeps the old date and
+        answers it in field 15, every later one gets the new. The cutover record is submitted
+        like a batch and rides the in-flight queue (no reply of its own): acks arrive in ticket
+        order, so a reply under the new date never leaves before the cutover is durable, and the
+        loop never blocks on the writer."""
+        if self.failed or self.draining:
+            return
+        try:
+            new, ticket = self.node.submit_cutover(new_business_date)
+        except LedgerError as e:
+            if self.node.failed:
+                self._fail(str(e))
+            else:
+                log.warning("cutover refused", extra={"event": "cutover_refused", "detail": str(e)})
+            return
+        log.info("cutover (日切)", extra={"event": "cutover", "business_date": new,
+                                           "seq": self.node.journal.last_seq})
+        self.inflight.append(Batch(ticket, bytearray(0), (), (), 0))
 
     async def drain(self):
         """SIGTERM: stop accepting, answer everything read so far once durable, close."""
@@ -707,6 +727,9 @@ def serve(node, card_keys, config: ServerConfig, announce=print) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+        # SIGUSR1: 日切 now, to the next business date (the running node holds its data
+        # directory's lock, so `yikatong cutover` cannot run beside it; docs/operations.md)
+        loop.add_signal_handler(signal.SIGUSR1, server.cutover)
         if config.server.metrics_port:
             mport = await server.start_metrics(config.server.metrics_port)
             announce(f"metrics on 127.0.0.1:{mport}")

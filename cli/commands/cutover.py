@@ -1,4 +1,5 @@
-"""`yikatong cutover --data DIR [--date YYYYMMDD]`: 日切 of a stopped node."""
+"""`yikatong cutover --data DIR [--date YYYYMMDD]`: 日切 of a stopped node (a running server:
+SIGUSR1 or server.cutover_time, protocols/server.py)."""
 
 
 def register(sub):
@@ -15,6 +16,9 @@ def run(args):
         node = Node.open(args.data)
     except LedgerError as e:
         print(f"error: {e}")
+        if "node.lock is held" in str(e):
+            print("a running server cuts over itself: send it SIGUSR1 (kill -USR1 PID) for the next business "
+                  "date now, or set server.cutover_time (docs/operations.md)")
         return 1
     try:
         old = node.business_date

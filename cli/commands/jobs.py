@@ -49,12 +49,14 @@ def _print(table):
 
 
 def run_totals(args):
-    jobs, con, _, _ = _con(args)
-    ours = jobs.totals(con, args.date_from, args.date_to)
+    import duckdb
+    from yikatong.ledger import jobs
+    # the scan over the journal where LMDB keeps it (jobs.totals_of_journal), not the flattened journal
+    ours = jobs.totals_of_journal(args.data, args.date_from, args.date_to)
     if not args.against:
         _print(ours)
         return 0
-    differing = jobs.compare_totals(con, ours, args.against)
+    differing = jobs.compare_totals(duckdb.connect(), ours, args.against)
     if differing.num_rows == 0:
         print(f"balanced (对账平): {ours.num_rows} group(s) agree")
         return 0
