@@ -71,7 +71,7 @@ def run_import(args):
 def run_disburse(args):
     from ..cardfiles import disburse, write_result_file
     report = _run_file(args, "disbursement (代发) with its result file (回盘)", disburse,
-                       args.result or args.file + ".result.csv", lambda path, r: write_result_file(path, r.rows))
+                       args.result or args.file + ".result.csv", write_result_file)
     return 2 if report is None else 0
 
 
