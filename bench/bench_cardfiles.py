@@ -77,7 +77,7 @@ def test_disbursement_with_result_file(benchmark, tmp_path):
     cards = 10_000
     count = size(10_000, 1_000_000)
     node = init_demo_node(str(tmp_path / "node"), cards, business_date=BD, checkpoint_every_records=10 ** 9,
-                          txn_retention_count=1 << 22)
+                          txn_retention_count=1 << 21)
     data = disbursement_file(count, cards)
     result_path = str(tmp_path / "result.csv")
     timings = []
