@@ -48,7 +48,6 @@ cdef enum:
     FIELDS_MAX = 16          # more fields than any layout has: the count is still reported
     LINE_FIELD_MAX = 9       # 代发 `line`: up to 9 digits
     AMOUNT_DIGITS_MAX = 12   # n12 fen
-    CHAIN_MASK_HIGH = 0      # (placeholder; see key63)
 
 # GB 11643 weights and the check character by S mod 11
 cdef int CID_WEIGHTS[17]
