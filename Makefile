@@ -11,7 +11,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 # Reinstall when any source the build reads changes.
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd protocols/*.pyx protocols/*.pxd protocols/*.h)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard cli/*.pyx engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd protocols/*.pyx protocols/*.pxd protocols/*.h)
 # The build runs without isolation so that the extensions compile against the numpy the venv
 # runs (one ABI); its build requirements (pyproject.toml) are therefore installed first.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
@@ -39,8 +39,8 @@ bench-full: $(STAMP)
 
 # HTML annotation of the Cython modules (cython -a): white lines are pure C.
 annotate: $(STAMP)
-	$(VENV)/bin/cython -3 -a -I engine -I protocols -I ledger engine/*.pyx protocols/*.pyx ledger/*.pyx 2>/dev/null || true
-	@ls -1 engine/*.html protocols/*.html ledger/*.html 2>/dev/null
+	$(VENV)/bin/cython -3 -a -I engine -I protocols -I ledger engine/*.pyx protocols/*.pyx ledger/*.pyx cli/*.pyx 2>/dev/null || true
+	@ls -1 engine/*.html protocols/*.html ledger/*.html cli/*.html 2>/dev/null
 
 clean:
-	rm -rf build *.egg-info $(VENV) engine/*.c engine/*.so ledger/*.c ledger/*.so protocols/*.c protocols/*.so
+	rm -rf build *.egg-info $(VENV) cli/*.c cli/*.so engine/*.c engine/*.so ledger/*.c ledger/*.so protocols/*.c protocols/*.so

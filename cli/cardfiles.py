@@ -8,11 +8,14 @@ the last four digits of its card.
 import csv
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from yikatong.engine import Cmd, CardFlag, CardStatus, new_requests, rc, rc_str
+from yikatong import _cardfiles
+from yikatong.engine import (REQUEST_DTYPE, Cmd, CardFlag, CardStatus, ResFlag, new_requests, rc,
+                             rc_str)
 from yikatong.engine.cardkeys import CardKeys
 from yikatong.engine.demo import citizen_check_char, luhn_ok
 
@@ -25,6 +28,7 @@ ALLOCATION_COLUMNS = ("citizen_id", "period", "source", "person_type", "contribu
 REASONS = {"14": "unknown person or card (查无此人)", "41": "card lost (挂失)", "43": "card reported stolen",
            "62": "card cancelled or not activated (注销/未激活)", "57": "not permitted to this card",
            "94": "already present", "12": "invalid", "96": "card table full"}
+FILE_KEY = b"yikatong-filekey"        # SipHash key of the 代发 duplicate keys (not a secret)
 
 
 class FileFormatError(ValueError):
@@ -41,10 +45,50 @@ class LineError:
 class FileReport:
     counts: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
-    rows: list = field(default_factory=list)          # per-line outcome (回盘 rows)
+    result_csv: bytes = b""                           # 代发: the 回盘 as written (CSV, \r\n)
 
     def count(self, what: str, n: int = 1):
         self.counts[what] = self.counts.get(what, 0) + n
+
+    @property
+    def rows(self) -> list[tuple]:
+        """The 回盘 rows (batch_no, line, amount_fen, result, reason) read back from the file
+        text (Python per row: for tests and small files; the file itself is built in bulk)."""
+        if not self.result_csv:
+            return []
+        return [tuple(row) for row in csv.reader(io.StringIO(self.result_csv.decode("utf-8")))][1:]
+
+
+# Journal batches of a file job: each is applied, then handed to the writer process while the
+# next one is applied (Node.submit / wait_durable pipelining); at most JOURNAL_BATCHES_IN_FLIGHT
+# are unacknowledged, so the writer's queue (and its memory) stays bounded.
+JOURNAL_BATCH_ROWS = 1 << 17                  # 40 MiB of 304-byte records
+JOURNAL_BATCHES_IN_FLIGHT = 6
+
+# Line status from yikatong._cardfiles (the first rule a line breaks, checked in this order).
+ST_FIELDS = 1
+ISSUE_REASONS = {
+    2: None,                                  # 社会保障号码 length: the text names the length found
+    3: "社会保障号码 check character is wrong (GB 11643)",
+    4: "PAN must be 16–19 digits",
+    5: None,                                  # Luhn: the text names the PAN's last four digits
+    6: "region is not configured on this node",
+    7: "insurance type is not configured on this node",
+    8: "person_type must be in_service or retired",
+    9: "expiry must be YYMM",
+    10: "ins_opening_fen must be a non-negative whole number of fen",
+    11: "fin_opening_fen must be a non-negative whole number of fen",
+}
+DISBURSE_REASONS = {
+    20: "batch_no must be given (at most 32 characters) and line must be a number (at most 9 digits)",
+    21: f"purpose must be one of {', '.join(PURPOSES)}",
+    22: "amount_fen must be a non-negative whole number of fen",
+    23: "社会保障号码 must be 17 digits and a check character",
+    24: "社会保障号码 check character is wrong (GB 11643)",
+    25: "id must be a 社会保障号码 or a PAN with a valid Luhn digit",
+}
+NAME_MISMATCH = "name mismatch (户名不符)"
+WHITE = " \t\n\r\x0b\x0c"
 
 
 def valid_citizen_id(text: str) -> str | None:
@@ -88,290 +132,285 @@ def key_hash(*parts) -> int:
     return (int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF) | 1
 
 
-def _split_lines(data: bytes, encoding: str, columns: tuple) -> tuple[list[bytes], np.ndarray, list]:
-    """Decode, check the header, and split into lines with the right number of fields.
-    Returns (good lines as UTF-8 bytes, their 1-based file line numbers, errors for the others)."""
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise FileFormatError(f"the file is not valid {encoding} (byte {e.start}): give --encoding "
-                              f"{'gbk' if encoding == 'utf-8' else 'utf-8'} if that is what it is") from None
-    raw = text.lstrip("\ufeff").encode("utf-8").replace(b"\r\n", b"\n").split(b"\n")
-    if not raw or not raw[0].strip():
+def _file_lines(data: bytes, encoding: str, columns: tuple) -> tuple[bytes, np.ndarray]:
+    """Check the encoding and the header; return the file as UTF-8 bytes and the start offsets
+    of the lines after the header (`_cardfiles.line_starts`: file line number = index + 2).
+    UTF-8 is checked without decoding; GBK is re-encoded to UTF-8 (names only are not ASCII)."""
+    if encoding == "utf-8":
+        bad = _cardfiles.utf8_error_offset(data)
+        if bad >= 0:
+            raise FileFormatError(f"the file is not valid utf-8 (byte {bad}): give --encoding gbk "
+                                  f"if that is what it is")
+        text = data
+    else:
+        try:
+            text = data.decode(encoding).encode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FileFormatError(f"the file is not valid {encoding} (byte {e.start}): give --encoding "
+                                  f"utf-8 if that is what it is") from None
+    begin = 0
+    while text.startswith(b"\xef\xbb\xbf", begin):             # byte order marks
+        begin += 3
+    end = text.find(b"\n", begin)
+    end = len(text) if end < 0 else end
+    header = text[begin:end].decode("utf-8")
+    if not header.strip():
         raise FileFormatError("the file is empty: expecting a header line")
-    if tuple(h.strip() for h in raw[0].decode().split(",")) != columns:
+    if tuple(h.strip() for h in header.split(",")) != columns:
         raise FileFormatError(f"header: expecting {','.join(columns)}")
-    if raw[-1] == b"":
-        raw.pop()
-    commas = len(columns) - 1
-    counts = np.fromiter((line.count(b",") for line in raw[1:]), dtype=np.int32, count=len(raw) - 1)
-    numbers = np.arange(2, len(raw) + 1)
-    ok = counts == commas
-    errors = [LineError(int(n), f"{int(c) + 1} fields, expecting {len(columns)}")
-              for n, c in zip(numbers[~ok], counts[~ok])]
-    good = [line for line, keep in zip(raw[1:], ok) if keep]
-    return good, numbers[ok], errors
+    return text, _cardfiles.line_starts(text, min(end + 1, len(text)))
 
 
-def _columns(lines: list[bytes], names: tuple) -> dict:
-    """The fields of well-formed lines as numpy byte-string columns (pyarrow's CSV reader)."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    if not lines:
-        return {name: np.zeros(0, dtype="S1") for name in names}
-    table = pacsv.read_csv(io.BytesIO(b"\n".join(lines) + b"\n"),
-                           read_options=pacsv.ReadOptions(column_names=list(names)),
-                           convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                                strings_can_be_null=False))
-    # names (姓名) are not used by the engine and are not ASCII: left out
-    import pyarrow.compute as pcompute
-    out = {}
-    for name in names:
-        if name == "name":
-            continue
-        column = pcompute.utf8_trim_whitespace(table.column(name))
-        # a non-ASCII character in a code field becomes '?' and fails that field's check, per line
-        column = pcompute.replace_substring_regex(column, r"[^\x00-\x7f]", "?").cast(pa.binary())
-        out[name] = np.asarray(column.to_numpy(zero_copy_only=False), dtype="S")
+def _line_fields(text: bytes, starts: np.ndarray, index: int) -> list[str]:
+    """The fields of one line as the Cython pass sees them (bad lines only: their error text)."""
+    line = text[starts[index]:starts[index + 1] - 1].decode("utf-8")
+    fields = [f.strip(WHITE) for f in line.split(",")]
+    return [f[1:-1] if len(f) >= 2 and f[0] == f[-1] == '"' else f for f in fields]
+
+
+def _first_duplicates(keys: np.ndarray) -> dict[int, int]:
+    """{row: first row with the same key} for every row whose key an earlier row has. One sort
+    decides that there are none (the usual case); the rows of duplicated keys are then few."""
+    if keys.size < 2:
+        return {}
+    ordered = np.sort(keys)
+    same = ordered[1:] == ordered[:-1]
+    if not same.any():
+        return {}
+    repeated = np.unique(ordered[1:][same])
+    first, out = {}, {}
+    for row in np.flatnonzero(np.isin(keys, repeated)).tolist():
+        key = int(keys[row])
+        if key in first:
+            out[row] = first[key]
+        else:
+            first[key] = row
     return out
 
 
-def _digit_matrix(column: np.ndarray, width: int) -> np.ndarray:
-    """Right-aligned (n, width) digit values, leading '0's; -1 where a byte is not a digit."""
-    padded = np.char.rjust(column, width, b"0").astype(f"S{width}")
-    codes = np.frombuffer(padded.tobytes(), dtype=np.uint8).reshape(-1, width).astype(np.int16) - 48
-    return np.where((codes >= 0) & (codes <= 9), codes, -1)
-
-
-def _citizen_ok(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(well formed, check character right) for 社会保障号码 column (GB 11643)."""
-    lengths = np.char.str_len(ids)
-    m = np.frombuffer(np.char.ljust(ids, 18, b" ").astype("S18").tobytes(), dtype=np.uint8).reshape(-1, 18)
-    digits = (m[:, :17] >= 48) & (m[:, :17] <= 57)
-    formed = (lengths == 18) & digits.all(axis=1)
-    weights = np.array((7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2))
-    expect = np.frombuffer(b"10X98765432", dtype=np.uint8)[((m[:, :17].astype(np.int64) - 48) * weights).sum(axis=1) % 11]
-    last = np.where(m[:, 17] == ord("x"), ord("X"), m[:, 17])
-    return formed, formed & (last == expect)
-
-
-def _luhn_ok(pans: np.ndarray) -> np.ndarray:
-    d = _digit_matrix(pans, 19)[:, ::-1].astype(np.int64)        # rightmost first; leading zeros add 0
-    doubled = d[:, 1::2] * 2
-    doubled = np.where(doubled > 9, doubled - 9, doubled)
-    return (d[:, 0::2].sum(axis=1) + doubled.sum(axis=1)) % 10 == 0
-
-
-def _amounts(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(valid, value): whole non-negative fen up to n12."""
-    lengths = np.char.str_len(column)
-    d = _digit_matrix(column, 12)
-    valid = (lengths >= 1) & (lengths <= 12) & (d >= 0).all(axis=1)
-    values = (np.where(d < 0, 0, d) * (10 ** np.arange(11, -1, -1, dtype=np.int64))).sum(axis=1)
-    return valid, values
-
-
-def _pan_hashes(keys: CardKeys, pans: np.ndarray) -> np.ndarray:
-    """Keyed hashes of PANs of 16–19 digits (grouped by length: the hash is over the exact digits)."""
-    out = np.zeros(pans.shape[0], dtype=np.uint64)
-    lengths = np.char.str_len(pans)
-    for length in np.unique(lengths):
-        rows = np.flatnonzero(lengths == length)
-        text = np.frombuffer(pans[rows].astype(f"S{length}").tobytes(), dtype=np.uint8).reshape(-1, int(length))
-        out[rows] = keys.pan_hash_rows(np.ascontiguousarray(text))
+def _apply_journaled(node, requests: np.ndarray, business_date: int) -> np.ndarray:
+    """Apply and journal the requests in JOURNAL_BATCH_ROWS batches, pipelined with the writer
+    process; return (code, outcome_flags, card_slot) per request once every batch is durable."""
+    out = np.empty(requests.shape[0], dtype=[("code", "<u2"), ("outcome_flags", "u1"), ("card_slot", "<i4")])
+    tickets = []
+    for first in range(0, requests.shape[0], JOURNAL_BATCH_ROWS):
+        ticket, results = node.submit(requests[first:first + JOURNAL_BATCH_ROWS], business_date)
+        part = out[first:first + results.shape[0]]
+        part["code"] = results["code"]
+        part["outcome_flags"] = results["outcome_flags"]
+        part["card_slot"] = results["card_slot"]
+        tickets.append(ticket)
+        if len(tickets) > JOURNAL_BATCHES_IN_FLIGHT:
+            node.wait_durable(tickets[-1 - JOURNAL_BATCHES_IN_FLIGHT])
+    if tickets:
+        node.wait_durable(tickets[-1])
     return out
+
+
+def _issuance_rows(config, keys: CardKeys, text: bytes, starts: np.ndarray, name_key: bytes | None = None):
+    """(status per line, ISSUE requests of the good lines, their line indexes, their name hashes)."""
+    n = starts.shape[0] - 1
+    status = np.empty(n, dtype=np.uint8)
+    requests = np.empty(n, dtype=REQUEST_DTYPE)
+    row_line = np.empty(n, dtype=np.int64)
+    names = np.empty(n if name_key else 0, dtype=np.uint64)
+    good = _cardfiles.parse_issuance(
+        text, starts, np.array([r.code for r in config.regions], dtype=np.int64),
+        np.array([t.code for t in config.ins_types], dtype=np.int64), keys.pan_key, keys.person_key,
+        name_key, CardStatus.ACTIVE, CardFlag.FIN_ACTIVE, status, requests, row_line, names)
+    return status, requests[:good], row_line[:good], names[:good] if name_key else names
 
 
 def import_issuance(node, keys: CardKeys, data: bytes, encoding: str, business_date: int,
                     initial_social_pin: str = "123456", initial_bank_pin: str = "888888") -> FileReport:
-    """制卡数据 → ISSUE commands, vectorised (no Python per valid line). Idempotent: a second
-    import of the same file finds every card present (already present) and changes nothing; a
-    person with a live card is refused (一人一卡). Each bad line gets the first rule it breaks."""
+    """制卡数据 → ISSUE commands: one Cython pass checks every line and builds the requests, the
+    engine applies them in large journaled batches. Idempotent: a second import of the same file
+    finds every card present (already present) and changes nothing; a person with a live card is
+    refused (一人一卡). Each bad line gets the first rule it breaks."""
     report = FileReport()
-    config = node.engine.config
-    lines, numbers, errors = _split_lines(data, encoding, ISSUE_COLUMNS)
-    report.errors.extend(errors)
-    c = _columns(lines, ISSUE_COLUMNS)
-    n = len(lines)
-    reason = np.full(n, "", dtype=object)
-
-    def fail(mask, text):
-        hit = mask & (reason == "")
-        reason[hit] = text if isinstance(text, str) else text[hit]
-
-    formed, check_ok = _citizen_ok(c["citizen_id"])
-    pan_len = np.char.str_len(c["pan"])
-    pan_digits = (_digit_matrix(c["pan"], 19) >= 0).all(axis=1) & (pan_len >= 16) & (pan_len <= 19)
-    regions = np.array([r.code for r in config.regions])
-    types = np.array([t.code for t in config.ins_types])
-    region_ok = (_digit_matrix(c["region"], 6) >= 0).all(axis=1) & (np.char.str_len(c["region"]) == 6)
-    region_val = np.where(region_ok, np.char.ljust(c["region"], 1, b"0").astype("S6"), b"0").astype(np.int64)
-    type_ok = (_digit_matrix(c["ins_type"], 5) >= 0).all(axis=1) & (np.char.str_len(c["ins_type"]) >= 1)
-    type_val = np.where(type_ok, c["ins_type"], b"0").astype(np.int64)
-    expiry = _digit_matrix(c["expiry_yymm"], 4)
-    expiry_ok = (np.char.str_len(c["expiry_yymm"]) == 4) & (expiry >= 0).all(axis=1)
-    month = expiry[:, 2] * 10 + expiry[:, 3]
-    ins_ok, ins_val = _amounts(c["ins_opening_fen"])
-    fin_ok, fin_val = _amounts(c["fin_opening_fen"])
-    fail(~formed, np.array([f"社会保障号码 must be 17 digits and a check character, found {len(x)} characters"
-                            for x in c["citizen_id"]], dtype=object) if (~formed).any() else "")
-    fail(formed & ~check_ok, "社会保障号码 check character is wrong (GB 11643)")
-    fail(~pan_digits, "PAN must be 16–19 digits")
-    luhn = _luhn_ok(c["pan"])
-    if (~luhn & pan_digits).any():
-        last4 = np.array([x[-4:].decode() for x in c["pan"]], dtype=object)
-        fail(pan_digits & ~luhn, "PAN …" + last4 + ": Luhn check digit is wrong")
-    fail(~(region_ok & np.isin(region_val, regions)), "region is not configured on this node")
-    fail(~(type_ok & np.isin(type_val, types)), "insurance type is not configured on this node")
-    fail(~np.isin(c["person_type"], [b"in_service", b"retired"]), "person_type must be in_service or retired")
-    fail(~(expiry_ok & (month >= 1) & (month <= 12)), "expiry must be YYMM")
-    fail(~ins_ok, "ins_opening_fen must be a non-negative whole number of fen")
-    fail(~fin_ok, "fin_opening_fen must be a non-negative whole number of fen")
-    valid = reason == ""
-    pan_hashes = np.zeros(n, dtype=np.uint64)
-    pan_hashes[valid] = _pan_hashes(keys, c["pan"][valid])
-    # duplicated lines: the second and later occurrence of a PAN in this file
-    order = np.flatnonzero(valid)
-    _, first_index, inverse = np.unique(pan_hashes[order], return_index=True, return_inverse=True)
-    first_row = order[first_index][inverse]
-    dup = np.zeros(n, dtype=bool)
-    dup[order] = first_row != order
-    if dup.any():
-        for i in np.flatnonzero(dup):
-            reason[i] = f"duplicated line: PAN …{c['pan'][i][-4:].decode()} already on line {int(numbers[first_row[np.searchsorted(order, i)]])}"
-    valid &= ~dup
-    for i in np.flatnonzero(~valid):
-        report.errors.append(LineError(int(numbers[i]), reason[i]))
+    text, starts = _file_lines(data, encoding, ISSUE_COLUMNS)
+    status, q, row_line, _ = _issuance_rows(node.engine.config, keys, text, starts)
+    for i in np.flatnonzero(status).tolist():                 # bad lines only
+        code = int(status[i])
+        if code == ST_FIELDS:
+            reason = f"{_cardfiles.field_count(text, starts, i)} fields, expecting {len(ISSUE_COLUMNS)}"
+        elif code == 2:
+            reason = (f"社会保障号码 must be 17 digits and a check character, "
+                      f"found {len(_line_fields(text, starts, i)[0])} characters")
+        elif code == 5:
+            reason = f"PAN …{_line_fields(text, starts, i)[5][-4:]}: Luhn check digit is wrong"
+        else:
+            reason = ISSUE_REASONS[code]
+        report.errors.append(LineError(i + 2, reason))
+    # duplicated lines: the second and later occurrence of a PAN among the good lines
+    duplicates = _first_duplicates(q["pan_hash"])
+    for row, first in duplicates.items():
+        report.errors.append(LineError(int(row_line[row]) + 2, f"duplicated line: PAN …{int(q['pan_last4'][row]):04d} "
+                                                               f"already on line {int(row_line[first]) + 2}"))
+    if duplicates:
+        keep = np.ones(q.shape[0], dtype=bool)
+        keep[list(duplicates)] = False
+        q, row_line = q[keep], row_line[keep]
     report.errors.sort(key=lambda e: e.line)
     report.count("refused: bad line", len(report.errors))
-    rows = np.flatnonzero(valid)
-    if rows.size:
-        ids18 = np.frombuffer(np.char.upper(c["citizen_id"][rows]).astype("S18").tobytes(), dtype=np.uint8).reshape(-1, 18)
-        q = new_requests(rows.size)
-        q["cmd"] = Cmd.ISSUE
-        q["pan_hash"] = pan_hashes[rows]
-        q["pan_last4"] = np.char.ljust(np.array([x[-4:] for x in c["pan"][rows]], dtype="S4"), 4).astype(np.int64)
-        q["person_hash"] = keys.person_hash_rows(np.ascontiguousarray(ids18))
-        q["region_code"] = region_val[rows]
-        q["ins_type"] = type_val[rows]
-        q["acct_type"] = (c["person_type"][rows] == b"retired").astype(np.uint8) | np.uint8(CardFlag.FIN_ACTIVE << 4)
-        q["med_type"] = CardStatus.ACTIVE
-        q["expiry_yymm"] = (expiry[rows] * np.array([1000, 100, 10, 1])).sum(axis=1)
-        q["amount_fen"] = ins_val[rows]
-        q["amount2_fen"] = fin_val[rows]
-        q["pin_pvv"] = keys.pvv_many(q["pan_hash"], initial_bank_pin)
-        q["pin_pvv_new"] = keys.pvv_many(q["pan_hash"], initial_social_pin)
-        node.engine.reserve(node.engine.card_count + rows.size)
-        results = node.apply_and_append(q, business_date)
-        codes = results["code"]
+    if q.shape[0]:
+        pan_hashes = np.ascontiguousarray(q["pan_hash"])
+        q["pin_pvv"] = keys.pvv_many(pan_hashes, initial_bank_pin)
+        q["pin_pvv_new"] = keys.pvv_many(pan_hashes, initial_social_pin)
+        node.engine.reserve(node.engine.card_count + q.shape[0])
+        codes = _apply_journaled(node, q, business_date)["code"]
         report.count("imported", int((codes == rc("00")).sum()))
         report.count("already present", int((codes == rc("94")).sum()))
-        for i in np.flatnonzero((codes != rc("00")) & (codes != rc("94"))):
-            text = rc_str(int(codes[i]))
-            line = int(numbers[rows[i]])
-            if text == "57":
+        refused = []
+        for i in np.flatnonzero((codes != rc("00")) & (codes != rc("94"))).tolist():
+            text_code = rc_str(int(codes[i]))
+            line = int(row_line[i]) + 2
+            if text_code == "57":
                 report.count("refused: the person has a live card (一人一卡)")
-                report.errors.append(LineError(line, "the person already has a live card (一人一卡)"))
+                refused.append(LineError(line, "the person already has a live card (一人一卡)"))
             else:
-                report.count(f"refused: {REASONS.get(text, text)}")
-                report.errors.append(LineError(line, f"refused by the engine: {text} {REASONS.get(text, '')}".strip()))
-        report.errors.sort(key=lambda e: e.line)
+                report.count(f"refused: {REASONS.get(text_code, text_code)}")
+                refused.append(LineError(line, f"refused by the engine: {text_code} {REASONS.get(text_code, '')}".strip()))
+        if refused:
+            report.errors = sorted(report.errors + refused, key=lambda e: e.line)
     for key in [k for k, v in report.counts.items() if v == 0 and k != "imported"]:
         del report.counts[key]
     return report
 
 
-def _row_hashes(*columns: np.ndarray) -> np.ndarray:
-    """A 63-bit key per row from byte-string columns (joined with 0x1f), vectorised (SipHash)."""
-    from yikatong.engine import _core
-    joined = columns[0]
-    for column in columns[1:]:
-        joined = np.char.add(np.char.add(joined, b"\x1f"), column)
-    width = max(int(np.char.str_len(joined).max()) if joined.size else 1, 1)
-    rows = np.frombuffer(joined.astype(f"S{width}").tobytes(), dtype=np.uint8).reshape(-1, width)
-    hashes = _core.hash_rows(np.ascontiguousarray(rows), b"yikatong-filekey")
-    return (hashes & np.uint64(0x7FFFFFFFFFFFFFFF)) | np.uint64(1)
+class HolderNames:
+    """The card holders' names from issuance data (制卡数据), as keyed hashes only, for the 代发
+    name check (户名不符): by PAN and by 社会保障号码. The key is drawn per instance, so the
+    hashes mean nothing outside this run and nothing is stored.
+
+        holders = HolderNames.from_files(node.engine.config, keys, [(data, "utf-8")])
+    """
+
+    def __init__(self, pan_hashes, person_hashes, name_hashes, name_key: bytes):
+        self.name_key = name_key
+        self._tables = []
+        for keys_ in (pan_hashes, person_hashes):
+            order = np.argsort(keys_, kind="stable")
+            self._tables.append((keys_[order], name_hashes[order]))
+
+    @classmethod
+    def from_files(cls, config, keys: CardKeys, files: list[tuple[bytes, str]]) -> "HolderNames":
+        """Every good line of the files (a line a FileFormatError would refuse raises it)."""
+        name_key = os.urandom(16)
+        pans, persons, names = [], [], []
+        for data, encoding in files:
+            text, starts = _file_lines(data, encoding, ISSUE_COLUMNS)
+            _, q, _, name_hashes = _issuance_rows(config, keys, text, starts, name_key)
+            pans.append(q["pan_hash"].copy())
+            persons.append(q["person_hash"].copy())
+            names.append(name_hashes)
+        empty = np.zeros(0, dtype=np.uint64)
+        cat = lambda parts: np.concatenate(parts) if parts else empty
+        return cls(cat(pans), cat(persons), cat(names), name_key)
+
+    def mismatched(self, pan_hashes: np.ndarray, person_hashes: np.ndarray, by_person: np.ndarray,
+                   name_hashes: np.ndarray) -> np.ndarray:
+        """True where the card (PAN) or person is in the issuance data under another name; a
+        card or person not in it is not checked."""
+        out = np.zeros(by_person.shape[0], dtype=bool)
+        (pan_keys, pan_names), (person_keys, person_names) = self._tables
+        for table_keys, table_names, rows, wanted in ((pan_keys, pan_names, ~by_person, pan_hashes),
+                                                      (person_keys, person_names, by_person, person_hashes)):
+            if not table_keys.size or not rows.any():
+                continue
+            at = np.minimum(np.searchsorted(table_keys, wanted), table_keys.size - 1)
+            known = rows & (table_keys[at] == wanted)
+            out |= known & (table_names[at] != name_hashes)
+        return out
 
 
-def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: int) -> FileReport:
-    """代发: credit financial accounts line by line; the 回盘 says success or the reason per line.
-    Idempotent per (batch, line): the same file again credits nothing and yields the same 回盘.
-    Vectorised: no Python per valid line until the 回盘 rows are written."""
+def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: int,
+             holders: HolderNames | None = None) -> FileReport:
+    """代发: credit financial accounts line by line; the 回盘 (report.result_csv) says success or
+    the reason per line. Idempotent per (batch, line): the same file again credits nothing and
+    yields the same 回盘. With `holders` (the issuance data), a line whose name is not the card
+    holder's is refused: name mismatch (户名不符), nothing credited.
+
+    One Cython pass checks the lines and builds the requests; the engine applies them in large
+    journaled batches; the 回盘 rows of those lines are written in bulk. The 回盘 lists the
+    malformed lines first (by line number), then every well-formed line in file order."""
     report = FileReport()
-    lines, numbers, errors = _split_lines(data, encoding, DISBURSE_COLUMNS)
-    c = _columns(lines, DISBURSE_COLUMNS)
-    n = len(lines)
-    reason = np.full(n, "", dtype=object)
-
-    def fail(mask, text):
-        hit = mask & (reason == "")
-        reason[hit] = text
-
-    line_ok = (np.char.str_len(c["line"]) >= 1) & (_digit_matrix(c["line"], 9) >= 0).all(axis=1)
-    fail((np.char.str_len(c["batch_no"]) == 0) | ~line_ok, "batch_no must be given and line must be a number")
-    fail(~np.isin(c["purpose"], [p.encode() for p in PURPOSES]), f"purpose must be one of {', '.join(PURPOSES)}")
-    amount_ok, amounts = _amounts(c["amount_fen"])
-    fail(~amount_ok, "amount_fen must be a non-negative whole number of fen")
-    ident_len = np.char.str_len(c["id"])
-    by_person = ident_len == 18
-    formed, check_ok = _citizen_ok(c["id"])
-    fail(by_person & ~formed, "社会保障号码 must be 17 digits and a check character")
-    fail(by_person & formed & ~check_ok, "社会保障号码 check character is wrong (GB 11643)")
-    pan_ok = ~by_person & (ident_len >= 16) & (ident_len <= 19) & (_digit_matrix(c["id"], 19) >= 0).all(axis=1)
-    fail(~by_person & ~(pan_ok & _luhn_ok(c["id"])), "id must be a 社会保障号码 or a PAN with a valid Luhn digit")
-    keys_per_line = _row_hashes(np.char.add(b"daifa\x1f", c["batch_no"]), c["line"])
-    valid = reason == ""
-    order = np.flatnonzero(valid)
-    _, first_index, inverse = np.unique(keys_per_line[order], return_index=True, return_inverse=True)
-    first_row = order[first_index][inverse]
-    for position, i in enumerate(order):
-        if first_row[position] != i:
-            reason[i] = (f"duplicated line: batch {c['batch_no'][i].decode()} line {c['line'][i].decode()} "
-                         f"already on file line {int(numbers[first_row[position]])}")
-    valid = reason == ""
-    rows_out = [(b"", b"", "", "failed", e.reason, e.line) for e in errors]
-    for i in np.flatnonzero(~valid):
-        report.errors.append(LineError(int(numbers[i]), reason[i]))
-        rows_out.append((c["batch_no"][i], c["line"][i], "", "failed", reason[i], int(numbers[i])))
-    report.errors.extend(errors)
-    report.errors.sort(key=lambda e: e.line)
-    report.count("failed: bad line", len(report.errors))
-    rows = np.flatnonzero(valid)
-    done = []
-    if rows.size:
-        q = new_requests(rows.size)
-        q["cmd"] = Cmd.CREDIT_FIN
-        person_rows = by_person[rows]
-        if person_rows.any():
-            ids = np.char.upper(c["id"][rows][person_rows]).astype("S18")
-            q["person_hash"][person_rows] = keys.person_hash_rows(
-                np.ascontiguousarray(np.frombuffer(ids.tobytes(), dtype=np.uint8).reshape(-1, 18)))
-        if (~person_rows).any():
-            q["pan_hash"][~person_rows] = _pan_hashes(keys, c["id"][rows][~person_rows])
-        q["amount_fen"] = amounts[rows]
-        q["idem_key"] = keys_per_line[rows]
-        q["content_hash"] = _row_hashes(c["id"][rows], c["amount_fen"][rows], c["purpose"][rows])
-        results = node.apply_and_append(q, business_date)
+    text, starts = _file_lines(data, encoding, DISBURSE_COLUMNS)
+    n = starts.shape[0] - 1
+    status = np.empty(n, dtype=np.uint8)
+    q = np.empty(n, dtype=REQUEST_DTYPE)
+    row_line = np.empty(n, dtype=np.int64)
+    by_person = np.empty(n, dtype=np.uint8)
+    names = np.empty(n if holders else 0, dtype=np.uint64)
+    good = _cardfiles.parse_disbursement(text, starts, keys.pan_key, keys.person_key, FILE_KEY,
+                                         holders.name_key if holders else None, status, q, row_line,
+                                         by_person, names)
+    q, row_line, by_person = q[:good], row_line[:good], by_person[:good].view(bool)
+    bad = []                                                   # (line number, batch, line, reason)
+    for i in np.flatnonzero(status).tolist():
+        code = int(status[i])
+        if code == ST_FIELDS:
+            bad.append((i + 2, "", "", f"{_cardfiles.field_count(text, starts, i)} fields, "
+                                       f"expecting {len(DISBURSE_COLUMNS)}"))
+        else:
+            fields = _line_fields(text, starts, i)
+            bad.append((i + 2, fields[0], fields[1], DISBURSE_REASONS[code]))
+    duplicates = _first_duplicates(q["idem_key"])
+    for row, first in duplicates.items():
+        fields = _line_fields(text, starts, int(row_line[row]))
+        bad.append((int(row_line[row]) + 2, fields[0], fields[1],
+                    f"duplicated line: batch {fields[0]} line {fields[1]} already on file line {int(row_line[first]) + 2}"))
+    if duplicates:
+        keep = np.ones(q.shape[0], dtype=bool)
+        keep[list(duplicates)] = False
+        q, row_line, by_person = q[keep], row_line[keep], by_person[keep]
+        if holders:
+            names = names[keep]
+    bad.sort()
+    report.errors = [LineError(line, reason) for line, _, _, reason in bad]
+    report.count("failed: bad line", len(bad))
+    # reason texts of the well-formed lines: 0 success, 1 name mismatch, then per engine code
+    reasons = ["success,", "failed," + _csv_field(NAME_MISMATCH)]
+    reason_index = np.zeros(q.shape[0], dtype=np.uint8)
+    name_bad = (holders.mismatched(q["pan_hash"], q["person_hash"], by_person, names)
+                if holders is not None and q.shape[0] else np.zeros(q.shape[0], dtype=bool))
+    reason_index[name_bad] = 1
+    report.count(f"failed: {NAME_MISMATCH}", int(name_bad.sum()))
+    amounts = np.ascontiguousarray(q["amount_fen"])
+    to_engine = np.flatnonzero(~name_bad)
+    if to_engine.size:
+        results = _apply_journaled(node, q[to_engine] if name_bad.any() else q, business_date)
         codes = results["code"]
-        duplicate = (results["outcome_flags"] & 2) != 0
+        duplicate = (results["outcome_flags"] & ResFlag.DUPLICATE) != 0
         ok = codes == rc("00")
         report.count("credited", int((ok & ~duplicate).sum()))
-        report.count("credited_fen", int(amounts[rows][ok & ~duplicate].sum()))
+        report.count("credited_fen", int(amounts[to_engine][ok & ~duplicate].sum()))
         report.count("already credited (same batch and line)", int((ok & duplicate).sum()))
-        texts = {code: rc_str(int(code)) for code in np.unique(codes)}
-        for j, i in enumerate(rows):
-            text = texts[codes[j]]
-            if text == "00":
-                done.append((c["batch_no"][i], c["line"][i], str(int(amounts[i])), "success", "", int(numbers[i])))
-            else:
-                why = REASONS.get(text, text) if text != "94" else "same (batch, line) with other content"
-                report.count(f"failed: {why}")
-                done.append((c["batch_no"][i], c["line"][i], str(int(amounts[i])), "failed", why, int(numbers[i])))
+        for code in np.unique(codes).tolist():
+            if code == rc("00"):
+                continue
+            text_code = rc_str(code)
+            why = REASONS.get(text_code, text_code) if text_code != "94" else "same (batch, line) with other content"
+            hit = codes == code
+            report.count(f"failed: {why}", int(hit.sum()))
+            reasons.append("failed," + _csv_field(why))
+            reason_index[to_engine[hit]] = len(reasons) - 1
     for key in [k for k, v in report.counts.items() if v == 0]:
         del report.counts[key]
-    report.rows = [(b.decode() if isinstance(b, bytes) else b, l.decode() if isinstance(l, bytes) else l, a, res, why)
-                   for b, l, a, res, why, _ in sorted(rows_out, key=lambda r: r[5]) + done]
+    head = io.StringIO()
+    w = csv.writer(head)
+    w.writerow(("batch_no", "line", "amount_fen", "result", "reason"))
+    w.writerows((batch, line, "", "failed", reason) for _, batch, line, reason in bad)
+    report.result_csv = head.getvalue().encode("utf-8") + _cardfiles.result_lines(
+        text, starts, row_line, amounts, reason_index, [r.encode("utf-8") for r in reasons])
     return report
+
+
+def _csv_field(text: str) -> str:
+    """One field as Python's csv module writes it (quoted when it holds a comma or a quote)."""
+    out = io.StringIO()
+    csv.writer(out).writerow((text,))
+    return out.getvalue()[:-2]
 
 
 def allocate(node, keys: CardKeys, data: bytes, encoding: str, business_date: int,
@@ -443,9 +482,7 @@ def write_errors(path: str, errors: list[LineError]):
             w.writerow((e.line, e.reason))
 
 
-def write_result_file(path: str, rows: list[tuple]):
-    """回盘: batch_no, line, amount_fen, result, reason."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(("batch_no", "line", "amount_fen", "result", "reason"))
-        w.writerows(rows)
+def write_result_file(path: str, report: FileReport):
+    """回盘: batch_no, line, amount_fen, result, reason (CSV, UTF-8, \r\n), written in one go."""
+    with open(path, "wb") as f:
+        f.write(report.result_csv)

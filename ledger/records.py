@@ -26,9 +26,16 @@ RECORD_DTYPE = np.dtype([
     ("result", RESULT_DTYPE),
 ])
 assert RECORD_DTYPE.itemsize == 304, RECORD_DTYPE.itemsize
-_REQUEST_AT = RECORD_DTYPE.fields["request"][1]
-_RESULT_AT = RECORD_DTYPE.fields["result"][1]
-assert _RESULT_AT == _REQUEST_AT + REQUEST_DTYPE.itemsize and _RESULT_AT + RESULT_DTYPE.itemsize == 304
+
+
+# The same 304 bytes seen as three opaque parts: copying a request or a result into a record is
+# then one fixed-size memcpy per row, not a field-by-field structured copy (≈ 8× faster).
+_RECORD_PARTS = np.dtype({"names": ["head", "request", "result"],
+                          "formats": ["V16", f"V{REQUEST_DTYPE.itemsize}", f"V{RESULT_DTYPE.itemsize}"],
+                          "offsets": [0, RECORD_DTYPE.fields["request"][1], RECORD_DTYPE.fields["result"][1]],
+                          "itemsize": RECORD_DTYPE.itemsize})
+_RECORD_HEAD = np.dtype([(name, RECORD_DTYPE.fields[name][0]) for name in RECORD_DTYPE.names[:4]])
+assert _RECORD_HEAD.itemsize == 16 and RECORD_DTYPE.fields["request"][1] == 16 and RECORD_DTYPE.fields["result"][1] == 16 + REQUEST_DTYPE.itemsize
 
 
 def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int,
@@ -36,15 +43,15 @@ def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int
     """Journal records for one applied batch (vectorised; the caller owns `out` if given)."""
     n = requests.shape[0]
     records = out[:n] if out is not None else np.empty(n, dtype=RECORD_DTYPE)
-    records["seq"] = np.arange(first_seq, first_seq + n, dtype=np.uint64)
-    records["layout_version"] = RECORD_LAYOUT_VERSION
-    records["record_kind"] = KIND_COMMAND
-    records["business_date"] = business_date
-    # The request and result rows go in as bytes: a structured field assignment of a nested
-    # dtype copies field by field (~10× slower), and both layouts are fixed and asserted.
-    raw = records.view(np.uint8).reshape(n, RECORD_DTYPE.itemsize)
-    raw[:, _REQUEST_AT:_RESULT_AT] = np.ascontiguousarray(requests).view(np.uint8).reshape(n, REQUEST_DTYPE.itemsize)
-    raw[:, _RESULT_AT:] = np.ascontiguousarray(results[:n]).view(np.uint8).reshape(n, RESULT_DTYPE.itemsize)
+    head = np.empty(n, dtype=_RECORD_HEAD)           # built contiguous, then copied in one go
+    head["seq"] = np.arange(first_seq, first_seq + n, dtype=np.uint64)
+    head["layout_version"] = RECORD_LAYOUT_VERSION
+    head["record_kind"] = KIND_COMMAND
+    head["business_date"] = business_date
+    parts = records.view(_RECORD_PARTS)
+    parts["head"] = head.view("V16")
+    parts["request"] = np.ascontiguousarray(requests).view(f"V{REQUEST_DTYPE.itemsize}")
+    parts["result"] = np.ascontiguousarray(results[:n]).view(f"V{RESULT_DTYPE.itemsize}")
     sanitize_requests(records["request"], records["result"])
     return records
 
@@ -52,14 +59,17 @@ def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int
 def sanitize_requests(requests: np.ndarray, results: np.ndarray) -> None:
     """In place: drop the PIN verification value, keep the PIN check's outcome for replay."""
     given = (requests["flags"] & ReqFlag.PIN) != 0
-    outcome = results["pin_outcome"]
-    flags = requests["flags"] & np.uint8(~ReqFlag.PIN & 0xFF)
-    flags = np.where(given & (outcome == 1), flags | ReqFlag.PIN_REPLAY_OK, flags)
-    # Given but not found right: wrong (2), or not compared (0) because the message stopped
-    # before the PIN step or the PIN was locked. Replay reaches the PIN step in exactly the same
-    # cases, and there a locked PIN answers 75 without counting, so "wrong" replays exactly.
-    flags = np.where(given & (outcome != 1), flags | ReqFlag.PIN_REPLAY_BAD, flags)
-    requests["flags"] = flags
+    if given.any():                                   # (file jobs and lifecycle commands: never)
+        outcome = results["pin_outcome"]
+        flags = requests["flags"] & np.uint8(~ReqFlag.PIN & 0xFF)
+        flags = np.where(given & (outcome == 1), flags | ReqFlag.PIN_REPLAY_OK, flags)
+        # Given but not found right: wrong (2), or not compared (0) because the message stopped
+        # before the PIN step or the PIN was locked. Replay reaches the PIN step in exactly the
+        # same cases, and there a locked PIN answers 75 without counting, so "wrong" replays exactly.
+        flags = np.where(given & (outcome != 1), flags | ReqFlag.PIN_REPLAY_BAD, flags)
+        requests["flags"] = flags
     # ISSUE (32) and REPLACE (38) carry the new card's bank PVV: that is state, not a PIN attempt
-    keeps = (requests["cmd"] == 32) | (requests["cmd"] == 38)
-    requests["pin_pvv"] = np.where(keeps, requests["pin_pvv"], 0)
+    cmd = requests["cmd"]
+    drop = (requests["pin_pvv"] != 0) & (cmd != 32) & (cmd != 38)
+    if drop.any():
+        requests["pin_pvv"] = np.where(drop, 0, requests["pin_pvv"])

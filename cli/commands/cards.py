@@ -13,6 +13,9 @@ def register(sub):
     d = sub.add_parser("disburse", help="代发: credit financial accounts from a payer's batch file; writes the 回盘")
     _common(d)
     d.add_argument("-o", "--result", help="回盘 file (CSV), default FILE.result.csv")
+    d.add_argument("--holders", action="append", default=[], metavar="CARDS_FILE",
+                   help="issuance data (制卡数据, same format and --encoding; repeatable): a line whose name "
+                        "is not the holder's is refused, name mismatch (户名不符); without it names are not checked")
     d.set_defaults(func=run_disburse)
     a = sub.add_parser("allocate", help="个人账户划入: monthly insurance-account allocation from a contribution file")
     _common(a)
@@ -69,9 +72,16 @@ def run_import(args):
 
 
 def run_disburse(args):
-    from ..cardfiles import disburse, write_result_file
-    report = _run_file(args, "disbursement (代发) with its result file (回盘)", disburse,
-                       args.result or args.file + ".result.csv", lambda path, r: write_result_file(path, r.rows))
+    from ..cardfiles import HolderNames, disburse, write_result_file
+
+    def process(node, keys, data, encoding, date):
+        holders = None
+        if args.holders:
+            holders = HolderNames.from_files(node.engine.config, keys,
+                                             [(open(path, "rb").read(), encoding) for path in args.holders])
+        return disburse(node, keys, data, encoding, date, holders=holders)
+    report = _run_file(args, "disbursement (代发) with its result file (回盘)", process,
+                       args.result or args.file + ".result.csv", write_result_file)
     return 2 if report is None else 0
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from yikatong.cardfiles import FileFormatError, allocate, disburse, import_issuance
+from yikatong.cardfiles import FileFormatError, HolderNames, allocate, disburse, import_issuance
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.demo import citizen_check_char, generated_pans
 from yikatong.ledger.node import Node
@@ -143,3 +143,52 @@ def test_cli_import_then_verify(tmp_path):
     assert "imported: 2" in out.stdout and "9 line(s) with errors" in out.stdout
     assert (tmp_path / "cards.csv.errors.csv").read_text().splitlines()[1].startswith("4,")
     assert verify(data_dir)["records"] > 0
+
+
+HOLDERS = (HEADER + "110105196503120013,张三,110000,310,in_service,6214830000000017,3012,0,0\n"
+           + f"{cid('31010119910202002')},李四,310000,310,retired,6214830000000025,3012,0,0\n")
+
+
+def test_disbursement_name_mismatch_against_the_issuance_data(node):
+    """户名不符: the name of a 代发 line is checked against the holder's name in the issuance data
+    (by PAN, or by 社会保障号码); a mismatched line credits nothing and says why in the 回盘."""
+    holders = HolderNames.from_files(node.engine.config, KEYS, [(HOLDERS.encode(), "utf-8")])
+    data = ("batch_no,line,id,name,amount_fen,purpose\n"
+            "B9,1,110105196503120013,张三,1000,pension\n"         # by person, right name
+            "B9,2,110105196503120013,张四,1000,pension\n"         # by person, wrong name
+            "B9,3,6214830000000025,李四,2000,subsidy\n"           # by PAN, right name
+            "B9,4,6214830000000025, 李斯 ,2000,subsidy\n"         # by PAN, wrong name (trimmed)
+            "B9,5,6214830000000033,王五,3000,pension\n"           # not in the issuance data: not checked
+            "B9,6,6214830000000017,Zhang San,100,pension\n").encode()   # 0017 is 张三's card
+    s17 = node.engine.slot_of(KEYS.pan_hash("6214830000000017"))
+    before, seq = node.engine.balances(s17), node.journal.last_seq
+    report = disburse(node, KEYS, data, "utf-8", BD, holders=holders)
+    assert report.rows == [
+        ("B9", "1", "1000", "success", ""), ("B9", "2", "1000", "failed", "name mismatch (户名不符)"),
+        ("B9", "3", "2000", "success", ""), ("B9", "4", "2000", "failed", "name mismatch (户名不符)"),
+        ("B9", "5", "3000", "success", ""), ("B9", "6", "100", "failed", "name mismatch (户名不符)"),
+    ]
+    assert report.counts == {"credited": 3, "credited_fen": 6000, "failed: name mismatch (户名不符)": 3}
+    assert node.engine.balances(s17) == (before[0], before[1] + 1000)
+    assert node.journal.last_seq == seq + 3                  # the mismatched lines never reach the engine
+    assert report.result_csv.decode().splitlines()[2] == "B9,2,1000,failed,name mismatch (户名不符)"
+    # without the issuance data the names are not checked (as before)
+    again = disburse(node, KEYS, data.replace(b"B9,", b"B8,"), "utf-8", BD)
+    assert again.counts == {"credited": 6, "credited_fen": 9100}
+
+
+def test_cli_disburse_with_holders(tmp_path):
+    data_dir = str(tmp_path / "cli")
+    init_demo_node(data_dir, 10, business_date=BD, txn_retention_count=1 << 12).close()
+    (tmp_path / "cards.csv").write_text(HOLDERS, encoding="utf-8")
+    (tmp_path / "pay.csv").write_text("batch_no,line,id,name,amount_fen,purpose\n"
+                                      "B1,1,6214830000000025,李四,2000,subsidy\n"
+                                      "B1,2,6214830000000025,李斯,2000,subsidy\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "yikatong.main", "disburse", str(tmp_path / "pay.csv"),
+                          "--data", data_dir, "--date", str(BD), "--holders", str(tmp_path / "cards.csv")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "failed: name mismatch (户名不符): 1" in out.stdout
+    assert (tmp_path / "pay.csv.result.csv").read_bytes() == (
+        "batch_no,line,amount_fen,result,reason\r\nB1,1,2000,success,\r\n"
+        "B1,2,2000,failed,name mismatch (户名不符)\r\n").encode()

@@ -1,0 +1,129 @@
+"""The Cython core of the card files (yikatong._cardfiles) against obviously-correct Python: the
+UTF-8 check, the line split, the request rows of issuance and 代发 lines, the 回盘 CSV."""
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from yikatong import _cardfiles
+from yikatong.cardfiles import FILE_KEY
+from yikatong.engine import REQUEST_DTYPE, Cmd, CardStatus, CardFlag, _core
+from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
+from yikatong.engine.demo import citizen_check_char
+
+KEYS = CardKeys(DEMO_DATA_KEY)
+CID = "11010519650312001" + citizen_check_char("11010519650312001")     # 110105196503120013
+CID_X = "11010119800101007X"                                              # check character X
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"abc", "张三".encode(), b"\xff", b"ab\xe5\xbc", b"abcdefgh\xc0\x80", "张".encode()[:2] + b"x",
+    b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"12345678901234567\xe2\x82\xac\xf0\x9f\x98\x80", "a,b\n".encode() * 9 + b"\x80",
+])
+def test_utf8_error_offset_is_where_python_stops(data):
+    try:
+        data.decode("utf-8")
+        expected = -1
+    except UnicodeDecodeError as e:
+        expected = e.start
+    assert _cardfiles.utf8_error_offset(data) == expected
+
+
+def test_line_starts():
+    assert _cardfiles.line_starts(b"h\na\nbb\n", 2).tolist() == [2, 4, 7]          # 2 lines
+    assert _cardfiles.line_starts(b"h\na\nbb", 2).tolist() == [2, 4, 7]            # no last '\n'
+    assert _cardfiles.line_starts(b"h\n", 2).tolist() == [2]                       # header only
+    assert _cardfiles.line_starts(b"h\n\n\n", 2).tolist() == [2, 3, 4]             # two empty lines
+
+
+def issuance(text: str):
+    data = text.encode()
+    starts = _cardfiles.line_starts(data, 0)
+    n = starts.size - 1
+    status, q = np.empty(n, np.uint8), np.empty(n, REQUEST_DTYPE)
+    lines, names = np.empty(n, np.int64), np.empty(n, np.uint64)
+    good = _cardfiles.parse_issuance(data, starts, np.array([110000, 310000]), np.array([310, 390]),
+                                     KEYS.pan_key, KEYS.person_key, b"k" * 16, CardStatus.ACTIVE,
+                                     CardFlag.FIN_ACTIVE, status, q, lines, names)
+    return status, q[:good], lines[:good], names[:good]
+
+
+def test_issuance_request_rows_exact():
+    status, q, lines, names = issuance(
+        f'{CID},张三,110000,310,in_service,6214830000000017,3012,30000,100000\n'
+        f' "{CID_X.lower()}" , 李四 ,310000,390,retired,6214830000000025129,2901,0,999999999999\r\n'
+        f'{CID},张三,110000,310,in_service,6214830000000017,3013,0,0\n')
+    assert status.tolist() == [0, 0, 9]
+    assert lines.tolist() == [0, 1]
+    expected = np.zeros(2, REQUEST_DTYPE)
+    expected["terminal_index"] = expected["institution_index"] = -1
+    expected["cmd"] = Cmd.ISSUE
+    expected["pan_hash"] = [KEYS.pan_hash("6214830000000017"), KEYS.pan_hash("6214830000000025129")]
+    expected["pan_last4"] = [17, 5129]
+    expected["person_hash"] = [KEYS.person_hash(CID), KEYS.person_hash(CID_X)]
+    expected["region_code"] = [110000, 310000]
+    expected["ins_type"] = [310, 390]
+    expected["acct_type"] = [0 | CardFlag.FIN_ACTIVE << 4, 1 | CardFlag.FIN_ACTIVE << 4]
+    expected["med_type"] = CardStatus.ACTIVE
+    expected["expiry_yymm"] = [3012, 2901]
+    expected["amount_fen"] = [30000, 0]
+    expected["amount2_fen"] = [100000, 999999999999]
+    assert q.tobytes() == expected.tobytes()
+    assert names.tolist() == [_core.siphash(b"k" * 16, "张三".encode()), _core.siphash(b"k" * 16, "李四".encode())]
+
+
+@pytest.mark.parametrize("line, code", [
+    ("a,b", 1),
+    (f"{CID[:17]},x,110000,310,in_service,6214830000000017,3012,0,0", 2),
+    (f"{CID[:17]}1,x,110000,310,in_service,6214830000000017,3012,0,0", 3),
+    (f"{CID},x,110000,310,in_service,621483000000001,3012,0,0", 4),
+    (f"{CID},x,110000,310,in_service,6214830000000018,3012,0,0", 5),
+    (f"{CID},x,440000,310,in_service,6214830000000017,3012,0,0", 6),
+    (f"{CID},x,北京,310,in_service,6214830000000017,3012,0,0", 6),
+    (f"{CID},x,110000,311,in_service,6214830000000017,3012,0,0", 7),
+    (f"{CID},x,110000,310,retire,6214830000000017,3012,0,0", 8),
+    (f"{CID},x,110000,310,in_service,6214830000000017,3000,0,0", 9),
+    (f"{CID},x,110000,310,in_service,6214830000000017,3012,-1,0", 10),
+    (f"{CID},x,110000,310,in_service,6214830000000017,3012,0,1234567890123", 11),
+])
+def test_issuance_first_broken_rule(line, code):
+    assert issuance(line + "\n")[0].tolist() == [code]
+
+
+def test_disbursement_request_rows_and_result_csv():
+    text = ("B1,1,6214830000000017,张三,150000,pension\n"
+            f"B1,0002,{CID},张三,7,subsidy\n"
+            "B1,3,6214830000000017,张三,150000,bonus\n"
+            'B"2,4,6214830000000017,张三,1,pension\n')
+    data = text.encode()
+    starts = _cardfiles.line_starts(data, 0)
+    n = starts.size - 1
+    status, q = np.empty(n, np.uint8), np.empty(n, REQUEST_DTYPE)
+    lines, by_person, names = np.empty(n, np.int64), np.empty(n, np.uint8), np.empty(0, np.uint64)
+    good = _cardfiles.parse_disbursement(data, starts, KEYS.pan_key, KEYS.person_key, FILE_KEY, None,
+                                         status, q, lines, by_person, names)
+    assert good == 3 and status.tolist() == [0, 0, 21, 0] and lines[:3].tolist() == [0, 1, 3]
+    assert by_person[:3].tolist() == [0, 1, 0]
+    key = lambda *parts: (_core.siphash(FILE_KEY, b"\x1f".join(parts)) & 0x7FFFFFFFFFFFFFFF) | 1
+    q = q[:3]
+    assert q["cmd"].tolist() == [Cmd.CREDIT_FIN] * 3
+    assert q["pan_hash"].tolist() == [KEYS.pan_hash("6214830000000017"), 0, KEYS.pan_hash("6214830000000017")]
+    assert q["person_hash"].tolist() == [0, KEYS.person_hash(CID), 0]
+    assert q["amount_fen"].tolist() == [150000, 7, 1]
+    assert q["idem_key"].tolist() == [key(b"daifa", b"B1", b"1"), key(b"daifa", b"B1", b"0002"),
+                                      key(b"daifa", b'B"2', b"4")]
+    assert q["content_hash"].tolist() == [key(b"6214830000000017", b"150000", b"pension"),
+                                          key(CID.encode(), b"7", b"subsidy"),
+                                          key(b"6214830000000017", b"1", b"pension")]
+    reasons = [b"success,", b'failed,"same (batch, line) with other content"']
+    out = _cardfiles.result_lines(data, starts, lines[:3], np.array([150000, 7, 1]),
+                                  np.array([0, 1, 0], np.uint8), reasons)
+    assert out == (b"B1,1,150000,success,\r\n"
+                   b'B1,0002,7,failed,"same (batch, line) with other content"\r\n'
+                   b'"B""2",4,1,success,\r\n')
+    expected = io.StringIO()                     # what Python's csv module writes for the same rows
+    csv.writer(expected).writerows([("B1", "1", "150000", "success", ""),
+                                    ("B1", "0002", "7", "failed", "same (batch, line) with other content"),
+                                    ('B"2', "4", "1", "success", "")])
+    assert out == expected.getvalue().encode()
