@@ -127,10 +127,20 @@ class Node:
             raise LedgerError(f"{path}: {e}") from None
         journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes)
         try:
-            engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal)
-            node = cls(data_dir, settings, journal, engine)
-            node.checkpoint_seq = seq
-            node._replay_tail(batch_no, chain_hash)
+            # The whole chain is checked on worker threads from here on, beside the checkpoint
+            # load and the replay: start-up costs about the larger of the two, not their sum.
+            headers = journal.headers()
+            chain = ChainCheck(journal, headers)
+            chain.start()
+            try:
+                engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal, headers)
+                node = cls(data_dir, settings, journal, engine)
+                node.checkpoint_seq = seq
+            except BaseException:
+                chain.stop()
+                chain.join()
+                raise
+            node._replay_tail(batch_no, chain_hash, headers, chain)
         except BaseException:
             journal.close()
             raise
@@ -141,7 +151,7 @@ class Node:
         return sorted(glob.glob(os.path.join(data_dir, "checkpoints", "ckpt-*.json")))
 
     @classmethod
-    def _load_checkpoint(cls, data_dir, settings, journal):
+    def _load_checkpoint(cls, data_dir, settings, journal, headers):
         metas = cls._checkpoints(data_dir)
         if not metas:
             engine = Engine(settings.config, card_capacity=settings.card_capacity,
@@ -154,14 +164,13 @@ class Node:
             raise CorruptLedgerError(f"checkpoint {meta['file']}: content hash {digest[:16]}…, expected "
                                      f"{meta['file_blake2b'][:16]}… (torn or altered). Remedy: move it (and its "
                                      f".json) out of checkpoints/; the node then recovers from an older one")
-        headers = journal.headers()
         batch_no = int(meta["batch_no"])
         if batch_no > headers.shape[0] or bytes(headers[batch_no - 1]["hash"]).hex() != meta["chain_hash"]:
             raise CorruptLedgerError(f"checkpoint {meta['file']} is at batch {batch_no} whose journal hash does "
                                      f"not match: it does not belong to this journal")
         return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, bytes.fromhex(meta["chain_hash"])
 
-    def _replay_tail(self, after_batch_no: int, checkpoint_hash: bytes):
+    def _replay_tail(self, after_batch_no: int, checkpoint_hash: bytes, headers: np.ndarray, chain: "ChainCheck"):
         """Check the whole hash chain and replay the batches after the checkpoint, at once: the
         chain check (BLAKE2b of every batch, ~0.7 GB/s per core) runs on `chain_check_threads`
         threads beside the replay (engine apply in C, GIL released) on this one. Torn or altered
@@ -170,15 +179,13 @@ class Node:
 
         Replay reads each batch where LMDB keeps it (a read transaction, buffers=True) and hands
         it to the engine's replay loop as it lies: no request or result column is copied out of
-        the 304-byte records, and the results are compared with the recorded ones in C."""
-        headers = self.journal.headers()
+        the 304-byte records, and the results are compared with the recorded ones in C.
+        `chain` (started by `open`) is joined here, whatever happens."""
         errors: list[tuple[int, int, Exception]] = []      # (batch_no, precedence, error)
         if after_batch_no and bytes(headers[after_batch_no - 1]["hash"]) != checkpoint_hash:
             errors.append((after_batch_no, 2, CorruptLedgerError(
                 f"the checkpoint at batch {after_batch_no} does not match the journal")))
-        chain = ChainCheck(self.journal, headers)
         try:
-            chain.start()
             diverged = self._replay_batches(headers[after_batch_no:])
             if diverged is not None:
                 errors.append(diverged)
@@ -319,13 +326,30 @@ def file_blake2b(path: str) -> str:
 
 
 def load_checkpoint_arrays(meta_path: str) -> tuple[dict, str]:
+    """The checkpoint's arrays and the file's BLAKE2b; ({}, digest) when the digest is not the
+    recorded one. The file is hashed on a thread while numpy parses it (both read the same
+    pages; hashlib releases the GIL), and nothing parsed is returned unless the hash matched."""
     meta = json.load(open(meta_path))
     npz = os.path.join(os.path.dirname(meta_path), meta["file"])
-    digest = file_blake2b(npz)
-    if digest != meta["file_blake2b"]:
-        return {}, digest
-    with np.load(npz) as data:
-        return {name: data[name].copy() for name in data.files}, digest
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(file_blake2b(npz)), name="checkpoint-hash", daemon=True)
+    hasher.start()
+    try:
+        # np.load reads each member of the (uncompressed) .npz into a fresh writable array:
+        # no copy needed. A torn file may fail to parse: then the hash names the fault.
+        with np.load(npz) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception:
+        hasher.join()
+        if digest and digest[0] != meta["file_blake2b"]:
+            return {}, digest[0]
+        raise
+    hasher.join()
+    if not digest:
+        raise LedgerError(f"checkpoint {meta['file']}: could not be read to hash it")
+    if digest[0] != meta["file_blake2b"]:
+        return {}, digest[0]
+    return arrays, digest[0]
 
 
 class ChainCheck:
