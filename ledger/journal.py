@@ -285,41 +285,54 @@ class Journal:
             values = [v for _, v in txn.cursor(db=self.headers_db)]
         return np.frombuffer(b"".join(values), dtype=HEADER_DTYPE) if values else np.zeros(0, dtype=HEADER_DTYPE)
 
-    def read(self, first: int = 1, last: int | None = None) -> np.ndarray:
-        """Records first..last (inclusive) as one structured array; Python runs per batch."""
+    def read(self, first: int = 1, last: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Records first..last (inclusive) as one structured array; Python runs per batch.
+
+        Each batch's slice is copied once, straight from the read transaction's memory (buffers=True:
+        no bytes object per value) into its place, so a read costs about one memcpy of its bytes.
+        `out` (RECORD_DTYPE, at least as many rows) is filled and its head returned: a reader of
+        chunks that reuses one buffer also saves the first-touch page faults of a fresh array
+        (measured about as much as the copy itself).
+
+        >>> chunk = journal.read(1, 1 << 20, out=buffer)       # doctest: +SKIP
+        """
         last = self.last_seq if last is None else min(last, self.last_seq)
-        if last < first:
-            return np.zeros(0, dtype=RECORD_DTYPE)
-        # One copy: each batch's slice goes straight from the transaction's memory into its place.
-        out = np.empty(last - first + 1, dtype=RECORD_DTYPE)
+        count = max(last - first + 1, 0)
+        if out is None:
+            out = np.empty(count, dtype=RECORD_DTYPE)
+        elif out.dtype != RECORD_DTYPE or out.ndim != 1 or out.shape[0] < count or not out.flags.c_contiguous:
+            raise ValueError(f"read: out is {out.dtype} of shape {out.shape}, expecting a contiguous RECORD_DTYPE "
+                             f"array of at least {count} rows")
+        out = out[:count]
+        if count == 0:
+            return out
         out_bytes = out.view(np.uint8)                 # raw copies: a structured assignment is field by field
         size = RECORD_DTYPE.itemsize
         filled = 0
         with self.env.begin(buffers=True) as txn:
             cur = txn.cursor(db=self.journal_db)
-            if not cur.set_range(be64(first)) or struct.unpack(">Q", bytes(cur.key()))[0] > first:
+            # the batch holding `first`: the last key <= first
+            if not cur.set_range(be64(first)) or int.from_bytes(cur.key(), "big") > first:
                 if not cur.prev() and not cur.first():
-                    return np.zeros(0, dtype=RECORD_DTYPE)
-            while True:
-                start = struct.unpack(">Q", bytes(cur.key()))[0]
+                    return out[:0]
+            for key, value in cur.iternext(keys=True, values=True):
+                start = int.from_bytes(key, "big")
                 if start > last:
                     break
-                value = cur.value()
-                if len(value) % RECORD_DTYPE.itemsize:
-                    raise CorruptLedgerError(f"journal value at sequence {start}: {len(value)} bytes, not a "
-                                             f"multiple of the {RECORD_DTYPE.itemsize}-byte record")
-                count = len(value) // size
-                lo = max(first - start, 0)
-                hi = min(last - start + 1, count)
+                length = len(value)
+                if length % size:
+                    raise CorruptLedgerError(f"journal value at sequence {start}: {length} bytes, not a "
+                                             f"multiple of the {size}-byte record")
+                lo = first - start if first > start else 0
+                hi = min(last - start + 1, length // size)
                 if hi > lo:
                     if start + lo != first + filled:
                         raise CorruptLedgerError(f"journal: sequence {first + filled} expected, batch at "
                                                  f"{start} gives {start + lo}")
-                    out_bytes[filled * size:(filled + hi - lo) * size] = np.frombuffer(value, np.uint8)[lo * size:hi * size]
-                    filled += hi - lo
-                if not cur.next():
-                    break
-        if filled != out.shape[0]:
+                    end = filled + hi - lo
+                    out_bytes[filled * size:end * size] = np.frombuffer(value, np.uint8, (hi - lo) * size, lo * size)
+                    filled = end
+        if filled != count:
             raise CorruptLedgerError(f"journal: records {first + filled}…{last} missing")
         return out
 
