@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import zipfile
 
 import msgspec
 import numpy as np
@@ -62,6 +63,10 @@ class Node:
         self.failed = None
         self.business_date = journal.last_business_date
         self._checkpoint_thread = None
+        self._snapshot_buffers: dict = {}
+        self._snapshot_warm = threading.Thread(target=self._warm_snapshot, args=(dict(engine.arrays),),
+                                               name="checkpoint-buffers", daemon=True)
+        self._snapshot_warm.start()
         # Commits go to the writer process from here on (DESIGN.md §4: not a thread, the GIL).
         journal.start_writer()
 
@@ -274,14 +279,17 @@ class Node:
 
         The arrays are copied here, between batches (a memcpy); with `background=True` the
         file is written by a thread while batches go on committing in the writer process, so a
-        checkpoint never stalls commits. Returns the .npz path."""
+        checkpoint never stalls commits. Returns the .npz path. A checkpoint due while the
+        previous one is still being written waits for it here (checkpoint positions stay
+        deterministic); with checkpoint_every_records far above what commits during one
+        checkpoint (≈ 1 s for 255 MB of state) that wait does not happen."""
         self.journal.wait_durable(self.journal.last_batch_no)
         if self._checkpoint_thread is not None:
             # one at a time; the previous started ≥ checkpoint_every_records ago, so this wait
             # is rare and holds the caller only, never a commit in the writer process
             self._checkpoint_thread.join()
         seq, batch_no, chain_hash = self.journal.last_seq, self.journal.last_batch_no, self.journal.last_hash
-        arrays = {name: a.copy() for name, a in self.engine.arrays.items()}
+        arrays = self._snapshot()
         self.checkpoint_seq = seq
         folder = os.path.join(self.data_dir, "checkpoints")
         npz = os.path.join(folder, f"ckpt-{seq:020d}.npz")
@@ -292,6 +300,29 @@ class Node:
             name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
         return npz
+
+    def _snapshot(self) -> dict:
+        """The engine's arrays copied into buffers kept from one checkpoint to the next (free again:
+        one checkpoint at a time). This copy is the one part of a checkpoint on the reply path;
+        into fresh memory it page-faults every 4 KiB and measured ≈ 3× a plain memcpy (≈ 0.4 s
+        for 255 MB on an aged node), so the buffers are faulted in once, at start-up, by a thread."""
+        self._snapshot_warm.join()
+        buffers = self._snapshot_buffers
+        for name, array in self.engine.arrays.items():
+            buffer = buffers.get(name)
+            if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+                buffer = buffers[name] = np.empty_like(array)      # the engine grew this array
+            raw_copy(buffer, array)
+        for name in set(buffers) - set(self.engine.arrays):
+            del buffers[name]
+        return dict(buffers)
+
+    def _warm_snapshot(self, arrays: dict):
+        # a benign race: this reads arrays the engine may be writing; only the pages matter here
+        for name, array in arrays.items():
+            buffer = np.empty_like(array)
+            raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
+            self._snapshot_buffers[name] = buffer
 
     def close(self):
         if self._checkpoint_thread is not None:
@@ -305,7 +336,7 @@ def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_
     name = f"ckpt-{seq:020d}"
     npz = os.path.join(folder, name + ".npz")
     with open(npz + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
+        save_npz(f, arrays)
         f.flush()
         os.fsync(f.fileno())
     os.rename(npz + ".tmp", npz)
@@ -315,6 +346,33 @@ def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_
     _write_durably(os.path.join(folder, name + ".json"), json.dumps(meta).encode())
     log.info("checkpoint at sequence %d (batch %d): %s", seq, batch_no, npz)
     return npz
+
+
+def raw_copy(destination: np.ndarray, source: np.ndarray) -> None:
+    """A memcpy of one C-contiguous array into another of the same dtype and shape. Through byte
+    views: numpy copies a structured dtype (the txn ring, the cards) field by field, measured
+    8–10× slower than the bytes (168 MB: 155–190 ms vs 19 ms)."""
+    assert destination.dtype == source.dtype and destination.shape == source.shape
+    assert destination.flags.c_contiguous and source.flags.c_contiguous
+    np.copyto(destination.reshape(-1).view(np.uint8), source.reshape(-1).view(np.uint8))
+
+
+NPZ_PIECE_BYTES = 8 << 20
+
+
+def save_npz(f, arrays: dict) -> None:
+    """np.savez's format (an uncompressed zip of .npy members; np.load reads it) written from the
+    arrays' own memory in 8 MiB pieces. np.savez copies every 16 MiB piece with tobytes() while
+    holding the GIL, which the node's main thread (the apply loop) then waits for; here the GIL
+    is released for each piece's CRC and write, and nothing is copied."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
+                raw = memoryview(array.reshape(-1).view(np.uint8))
+                for at in range(0, len(raw), NPZ_PIECE_BYTES):
+                    member.write(raw[at:at + NPZ_PIECE_BYTES])
 
 
 def file_blake2b(path: str) -> str:

@@ -135,3 +135,28 @@ def test_chain_check_names_the_first_broken_batch_on_any_number_of_threads(small
     assert "records altered" in str(found[0][2])
     with pytest.raises(CorruptLedgerError, match=rf"batch {int(early['batch_no'])} \(sequence"):
         Node.open(path)
+
+
+def test_checkpoint_file_round_trips_every_array_kind(tmp_path):
+    """save_npz (no tobytes copies) writes what np.load reads back: structured, 2-D, empty,
+    larger than one 8 MiB piece; and the same bytes np.savez writes."""
+    from yikatong.engine.layouts import CARD_HOT_DTYPE, TXN_DTYPE
+    from yikatong.ledger.node import save_npz
+    rng = np.random.default_rng(1)
+    arrays = {
+        "cards": rng.integers(0, 256, 7 * CARD_HOT_DTYPE.itemsize, dtype=np.uint8).view(CARD_HOT_DTYPE),
+        "txns": rng.integers(0, 256, 70_001 * TXN_DTYPE.itemsize, dtype=np.uint8).view(TXN_DTYPE),
+        "grid": np.arange(12, dtype="<u8").reshape(3, 4), "empty": np.zeros(0, "<i4"),
+    }
+    ours, theirs = str(tmp_path / "ours.npz"), str(tmp_path / "theirs.npz")
+    with open(ours, "wb") as f:
+        save_npz(f, arrays)
+    np.savez(theirs, **arrays)
+    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    with np.load(ours) as loaded:
+        assert sorted(loaded.files) == sorted(arrays)
+        for name, array in arrays.items():
+            back = loaded[name]
+            assert (back.dtype, back.shape, back.tobytes()) == (array.dtype, array.shape, array.tobytes()), name
+            assert back.flags.writeable
+
