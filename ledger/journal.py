@@ -108,6 +108,7 @@ class Journal:
         self.env = open_env(path, map_size_bytes, readonly)
         self._journal_path = path
         self._writer = None
+        self._ready_pending = False
         self.journal_db = self.env.open_db(b"journal", create=not readonly)
         self.headers_db = self.env.open_db(b"headers", create=not readonly)
         self.meta_db = self.env.open_db(b"meta", create=not readonly)
@@ -154,7 +155,10 @@ class Journal:
             pass                                                       # 64 KiB pipes work too
         self.acked_batch_no = self.last_batch_no
         self._pending_hashes = {}
-        self._read_ack(0)
+        # The ready handshake (ack 0) is read before the first real ack, not here: the writer's
+        # start-up (a Python process importing lmdb and numpy, ≈ 0.15 s) overlaps the node's
+        # recovery instead of adding to it. A writer that cannot start fails the first commit.
+        self._ready_pending = True
 
     def submit(self, records: np.ndarray, business_date: int) -> int:
         """Send one batch to the writer process; return its batch number (the ticket). The
@@ -179,6 +183,11 @@ class Journal:
             self._read_ack(self.acked_batch_no + 1)
 
     def _read_ack(self, expected: int) -> None:
+        if self._ready_pending:
+            # this read is the handshake; callers loop (wait_durable) or are called again when
+            # the pipe is readable (the server's add_reader), so the next ack is not awaited here
+            self._ready_pending = False
+            expected = 0
         try:
             head = writer.read_exact(self._fd_in, writer.ACK.size)
         except (EOFError, OSError):
