@@ -137,7 +137,8 @@ def test_chain_check_names_the_first_broken_batch_on_any_number_of_threads(small
         Node.open(path)
 
 
-def test_checkpoint_file_round_trips_every_array_kind(tmp_path):
+@pytest.mark.parametrize("pace", [False, True])
+def test_checkpoint_file_round_trips_every_array_kind(tmp_path, pace):
     """save_npz (no tobytes copies) writes what np.load reads back: structured, 2-D, empty,
     larger than one 8 MiB piece; and the same bytes np.savez writes."""
     from yikatong.engine.layouts import CARD_HOT_DTYPE, TXN_DTYPE
@@ -150,7 +151,7 @@ def test_checkpoint_file_round_trips_every_array_kind(tmp_path):
     }
     ours, theirs = str(tmp_path / "ours.npz"), str(tmp_path / "theirs.npz")
     with open(ours, "wb") as f:
-        save_npz(f, arrays)
+        save_npz(f, arrays, pace=pace)
     np.savez(theirs, **arrays)
     assert open(ours, "rb").read() == open(theirs, "rb").read()
     with np.load(ours) as loaded:
