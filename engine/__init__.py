@@ -94,6 +94,27 @@ class Engine:
                         "answered 12. Remedy: add the policy to the node configuration.", missing)
         return results[:requests.shape[0]]
 
+    def replay_rows(self, rows, row_size_bytes: int, request_offset: int, result_offset: int, *,
+                    business_date: int) -> int:
+        """Recovery: apply the requests held in journal rows (any buffer of `row_size_bytes`-byte
+        rows, a request at `request_offset`, the recorded result at `result_offset`) exactly as
+        `apply_batch` would, comparing each result with the recorded one in C without copying
+        either column out. Returns the index of the first row that answers differently, or -1
+        (the state is then partly replayed: the caller stops). Rows must be 8-byte aligned.
+
+        >>> engine.replay_rows(memoryview(records), 304, 16, 176, business_date=20261124)  # doctest: +SKIP
+        -1
+        """
+        if not 19000101 <= business_date <= 99991231:
+            raise BatchShapeError(f"business_date: {business_date}, expecting YYYYMMDD")
+        warnings_before = int(self.arrays["meta"][META_WARNINGS])
+        bad = self.core.replay(rows, row_size_bytes, request_offset, result_offset, business_date)
+        missing = int(self.arrays["meta"][META_WARNINGS]) - warnings_before
+        if missing:
+            log.warning("configuration warning (参保地政策缺失): %d replayed settlement(s) found no policy; "
+                        "answered 12 (as recorded). Remedy: add the policy to the node configuration.", missing)
+        return bad
+
     # ---- capacity ----------------------------------------------------------------------------
     @property
     def card_count(self) -> int:

@@ -10,7 +10,7 @@ written in docs/result-codes.md and in `apply_one` below.
 """
 cimport cython
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
-from libc.string cimport memset, memcpy
+from libc.string cimport memcmp, memset, memcpy
 
 import numpy as np
 cimport numpy as cnp
@@ -1250,6 +1250,40 @@ def aligned_copy(array):
     return out
 
 
+cdef Py_ssize_t replay_rows(State* s, const char* rows, Py_ssize_t row_size_bytes,
+                            Py_ssize_t request_offset, Py_ssize_t result_offset, Py_ssize_t count,
+                            uint32_t business_date) noexcept nogil:
+    """Recovery's hot loop (DESIGN.md §6.8): `apply_rows` over journal records where they lie
+    (each row holds a Request at `request_offset` and the Result recorded live at
+    `result_offset`), comparing each fresh result with the recorded one byte for byte. Returns
+    the index of the first row that answers differently, or -1. No request or result column is
+    copied out of the records and no results array is written: one Result on the stack.
+
+    The per-row steps are apply_rows' exactly (same prefetching, same result initialisation), so
+    a replay rebuilds byte-identical state; keep the two loops in step.
+    """
+    cdef Py_ssize_t i
+    cdef Result r
+    cdef const Request* q
+    for i in range(count):
+        if i + PREFETCH_AHEAD < count:
+            prefetch_indexes(s, <const Request*>(rows + (i + PREFETCH_AHEAD) * row_size_bytes + request_offset))
+            prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
+        if i + PREFETCH_AHEAD // 2 < count:
+            prefetch_card(s, <const Request*>(rows + (i + PREFETCH_AHEAD // 2) * row_size_bytes + request_offset))
+        q = <const Request*>(rows + i * row_size_bytes + request_offset)
+        txn_make_room(s)
+        memset(&r, 0, sizeof(Result))
+        r.card_slot = -1
+        r.other_slot = -1
+        r.cmd = q.cmd
+        r.business_date = business_date
+        r.code = apply_one(s, q, &r, business_date)
+        if memcmp(&r, rows + i * row_size_bytes + result_offset, sizeof(Result)) != 0:
+            return i
+    return -1
+
+
 cdef class Core:
     """Binds the engine's arrays (a dict of numpy arrays, see yikatong.engine.state) to the C
     State and applies batches. Rebind after any array is replaced (growth, checkpoint load)."""
@@ -1314,6 +1348,25 @@ cdef class Core:
             approved_count = apply_rows(&self.s, q, r, n, business_date)
         self.arrays["meta"][2] = self.s.card_count
         return approved_count
+
+    def replay(self, const unsigned char[::1] rows not None, Py_ssize_t row_size_bytes,
+               Py_ssize_t request_offset, Py_ssize_t result_offset, uint32_t business_date):
+        """Replay journal rows in place (`replay_rows`); returns the index of the first row whose
+        result differs from the recorded one, or -1. `rows` may be a read-only buffer (an LMDB
+        value); the caller hands 8-byte-aligned rows (asserted: the structs hold u64 fields)."""
+        cdef Py_ssize_t n = rows.shape[0] // row_size_bytes if row_size_bytes > 0 else 0
+        assert row_size_bytes > 0 and rows.shape[0] == n * row_size_bytes, (rows.shape[0], row_size_bytes)
+        assert 0 <= request_offset and request_offset + <Py_ssize_t>sizeof(Request) <= row_size_bytes
+        assert 0 <= result_offset and result_offset + <Py_ssize_t>sizeof(Result) <= row_size_bytes
+        if n == 0:
+            return -1
+        cdef const char* base = <const char*>&rows[0]
+        assert (<size_t>base + <size_t>request_offset) % 8 == 0 and row_size_bytes % 8 == 0, "unaligned rows"
+        cdef Py_ssize_t bad
+        with nogil:
+            bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
+        self.arrays["meta"][2] = self.s.card_count
+        return bad
 
     @property
     def card_count(self):

@@ -84,6 +84,12 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> in
     # send of batch N+1 does not wait for batch N's fsync (pipelining, DESIGN.md §5).
     inbox: queue.Queue = queue.Queue(maxsize=INBOX_BATCHES_MAX)
 
+    # The reader also computes the hash chain, in arrival order (the order of commits), hashing
+    # each piece as it comes off the pipe: the BLAKE2b of a batch (≈ 1.6 ms for 4,096 records)
+    # overlaps the node's writing of the rest of it and the previous commit's fsync instead of
+    # adding to this batch's commit. Each batch is read into one preallocated buffer (no join).
+    chain = [prev]
+
     def reader():
         while True:
             head = read_exact(fd_in, MSG.size)
@@ -94,7 +100,20 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> in
             if kind != KIND_APPEND:
                 inbox.put(None)
                 return
-            inbox.put((a, b, c, d, read_exact(fd_in, d * RECORD_SIZE_BYTES)))
+            payload = bytearray(d * RECORD_SIZE_BYTES)
+            view = memoryview(payload)
+            h = hashlib.blake2b(chain[0], digest_size=32)
+            got = 0
+            while got < len(payload):
+                n = os.readv(fd_in, [view[got:]])
+                if not n:
+                    inbox.put(None)            # the node died mid-batch: nothing of it is committed
+                    return
+                h.update(view[got:got + n])
+                got += n
+            digest = h.digest()
+            inbox.put((a, b, c, d, payload, chain[0], digest))
+            chain[0] = digest
 
     threading.Thread(target=reader, daemon=True).start()
     while True:
@@ -121,7 +140,7 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> in
         try:
             acks = []
             with env.begin(write=True) as txn:
-                for date, bno, first, count, payload in group:
+                for date, bno, first, count, payload, payload_prev, digest in group:
                     # Pair assertions before the commit: the node and the stored chain agree.
                     if bno != batch_no + 1 or first != last_seq + 1 or count <= 0:
                         raise RuntimeError(f"batch {bno} (sequences {first}.. count {count}) does not follow "
@@ -132,9 +151,7 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int) -> in
                     (s1,) = struct.unpack_from("<Q", payload, (count - 1) * RECORD_SIZE_BYTES)
                     if (s0, s1) != (first, first + count - 1):
                         raise RuntimeError(f"records carry sequences {s0}..{s1}, the batch says {first}..{first + count - 1}")
-                    h = hashlib.blake2b(prev, digest_size=32)
-                    h.update(payload)
-                    digest = h.digest()
+                    assert payload_prev == prev          # the reader chained in commit order
                     header = HEADER.pack(bno, first, first + count - 1, date, count, prev, digest)
                     # append=True is MDB_APPEND: put returns False (and stores nothing) when the key
                     # is not after the last one, so every return value is checked.

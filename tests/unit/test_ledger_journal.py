@@ -184,3 +184,21 @@ def test_map_full_is_clear_and_loses_nothing(tmp_path):
         node.apply_and_append(requests[:1], BD)          # fail-stop
     node.close()
     assert verify(path)["last_seq"] == acked            # everything acknowledged is there
+
+
+def test_read_into_a_reused_buffer(node_dir):
+    j = Journal(node_dir, readonly=True)
+    try:
+        everything = j.read()
+        buffer = np.zeros(2000, dtype=RECORD_DTYPE)
+        for first in (1, 9, 310, 4999):                   # batch starts, inside batches, across them
+            chunk = j.read(first, first + 1499, out=buffer)
+            assert chunk.base is buffer or chunk.base is buffer.base
+            assert chunk.tobytes() == everything[first - 1:first + 1499].tobytes()
+        assert j.read(j.last_seq - 5, out=buffer).tobytes() == everything[-6:].tobytes()
+        with pytest.raises(ValueError, match="expecting a contiguous RECORD_DTYPE array of at least 2001 rows"):
+            j.read(1, 2001, out=buffer)
+        with pytest.raises(ValueError, match="out is uint8"):
+            j.read(1, 10, out=np.zeros(4000, np.uint8))
+    finally:
+        j.close()

@@ -44,3 +44,31 @@ def test_dead_writer_stops_the_node(tmp_path):
     with pytest.raises(LedgerError, match="stopped after a failed commit"):
         node.apply_and_append(q, BD)
     node.close()
+
+
+def test_ready_handshake_is_read_with_the_first_ack_one_read_at_a_time(tmp_path):
+    """start_writer does not wait for the writer process to be ready (its start-up overlaps
+    recovery); the first _read_ack consumes the handshake only, as the server's add_reader
+    callback expects (one read per readable event, never a blocking wait for the next ack)."""
+    from yikatong.engine.demo import demo_engine
+    from yikatong.ledger.records import records_from_batch
+    engine, _ = demo_engine(generated_cards=50, business_date=BD, txn_retention_count=1 << 10)
+    q = medical_settlements(engine, generated_pan_hashes(CardKeys(DEMO_DATA_KEY), 50), 5, seed=1)
+    records = records_from_batch(q, engine.apply_batch(q, business_date=BD), 1, BD)
+    journal = Journal(str(tmp_path / "j"), create=True)
+    try:
+        journal.start_writer()
+        ticket = journal.submit(records, BD)
+        journal._read_ack(journal.acked_batch_no + 1)
+        assert journal.acked_batch_no == 0                   # that read was the handshake
+        journal._read_ack(journal.acked_batch_no + 1)
+        assert journal.acked_batch_no == ticket == 1
+        assert journal.append(_next(records, 6), BD)["last_seq"] == 10
+    finally:
+        journal.close()
+
+
+def _next(records, first_seq):
+    out = records.copy()
+    out["seq"] = range(first_seq, first_seq + out.shape[0])
+    return out

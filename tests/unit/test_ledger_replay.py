@@ -1,0 +1,163 @@
+"""Recovery's replay path: the engine's in-place replay of journal rows equals apply_batch and names
+the first row that answers differently; the chain check on several threads names the first broken
+batch in journal order; batches of one record (2-byte-aligned LMDB values) replay exactly."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
+from yikatong.engine.demo import demo_engine
+from yikatong.engine.workload import generated_pan_hashes, medical_settlements
+from yikatong.ledger.journal import CorruptLedgerError, Journal
+from yikatong.ledger.node import ChainCheck, Node
+from yikatong.ledger.records import RECORD_DTYPE, records_from_batch
+from yikatong.nodes import init_demo_node
+
+BD = 20261124
+KEYS = CardKeys(DEMO_DATA_KEY)
+REQUEST_OFFSET, RESULT_OFFSET = RECORD_DTYPE.fields["request"][1], RECORD_DTYPE.fields["result"][1]
+
+
+def journal_rows(count: int):
+    """(engine before, engine after, records) for `count` settlements applied live."""
+    live, _ = demo_engine(generated_cards=200, business_date=BD, txn_retention_count=1 << 10)
+    before = {k: v.copy() for k, v in live.arrays.items()}
+    q = medical_settlements(live, generated_pan_hashes(KEYS, 200), count, seed=11)
+    records = records_from_batch(q, live.apply_batch(q, business_date=BD), 1, BD)
+    return before, live, records
+
+
+def fresh_engine(live, arrays):
+    from yikatong.engine import Engine
+    return Engine(live.config, arrays={k: v.copy() for k, v in arrays.items()})
+
+
+def test_replay_rows_rebuilds_the_live_state_byte_for_byte():
+    before, live, records = journal_rows(3000)          # > the 1,024-entry ring: evictions replay too
+    engine = fresh_engine(live, before)
+    assert engine.replay_rows(records.view(np.uint8), RECORD_DTYPE.itemsize, REQUEST_OFFSET, RESULT_OFFSET,
+                              business_date=BD) == -1
+    for name, array in live.arrays.items():
+        assert engine.arrays[name].tobytes() == array.tobytes(), name
+
+
+@pytest.mark.parametrize("row, byte", [(0, 0), (1234, 127), (2999, 64)])
+def test_replay_rows_names_the_first_row_that_differs(row, byte):
+    before, live, records = journal_rows(3000)
+    altered = records.copy()
+    raw = altered.view(np.uint8).reshape(-1, RECORD_DTYPE.itemsize)
+    raw[row, RESULT_OFFSET + byte] ^= 0x01                # one bit of one recorded result
+    engine = fresh_engine(live, before)
+    assert engine.replay_rows(altered.view(np.uint8), RECORD_DTYPE.itemsize, REQUEST_OFFSET, RESULT_OFFSET,
+                              business_date=BD) == row
+
+
+def test_replay_rows_refuses_rows_that_are_not_whole():
+    before, live, records = journal_rows(10)
+    engine = fresh_engine(live, before)
+    with pytest.raises(AssertionError):
+        engine.replay_rows(records.view(np.uint8)[:-8], RECORD_DTYPE.itemsize, REQUEST_OFFSET, RESULT_OFFSET,
+                           business_date=BD)
+
+
+@pytest.fixture
+def small_batches_dir(tmp_path):
+    """A node journaled in batches of 1..7 records (small LMDB values sit 2-byte aligned in leaf
+    pages), checkpointed half way."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=3)
+    i = k = 0
+    while i < 900:
+        n = 1 + k % 7
+        node.apply_and_append(q[i:i + n], BD)
+        i, k = i + n, k + 1
+        if k == 120:
+            node.checkpoint()
+    live = {name: a.tobytes() for name, a in node.engine.arrays.items()}
+    node.close()
+    return path, live
+
+
+def test_small_batches_recover_exactly_from_checkpoint_and_genesis(small_batches_dir, tmp_path):
+    path, live = small_batches_dir
+    node = Node.open(path)
+    try:
+        assert node.checkpoint_seq > 0
+        assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
+    finally:
+        node.close()
+    shutil.rmtree(os.path.join(path, "checkpoints"))
+    node = Node.open(path)
+    try:
+        assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
+    finally:
+        node.close()
+
+
+def flip_value_byte(path: str, first_seq: int, offset: int):
+    """Flip one byte of the journal value keyed `first_seq` in data.mdb (in every copy: LMDB
+    keeps older versions of a page)."""
+    j = Journal(path, readonly=True)
+    with j.env.begin() as txn:
+        value = txn.get(first_seq.to_bytes(8, "big"), db=j.journal_db)
+    j.close()
+    data_path = os.path.join(path, "journal.lmdb", "data.mdb")
+    data = bytearray(open(data_path, "rb").read())
+    at = data.find(value)
+    assert at >= 0
+    while at >= 0:
+        data[at + offset] ^= 0x40
+        at = data.find(value, at + 1)
+    open(data_path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_chain_check_names_the_first_broken_batch_on_any_number_of_threads(small_batches_dir, threads):
+    path, _ = small_batches_dir
+    j = Journal(path, readonly=True)
+    headers = j.headers()
+    j.close()
+    late, early = headers[-3], headers[40]
+    flip_value_byte(path, int(late["first_seq"]), 20)
+    flip_value_byte(path, int(early["first_seq"]), 20)
+    j = Journal(path, readonly=True)
+    try:
+        chain = ChainCheck(j, headers, threads=threads)
+        chain.start()
+        found = sorted(chain.join(), key=lambda e: e[0])
+    finally:
+        j.close()
+    assert found[0][0] == int(early["batch_no"])
+    assert f"batch {int(early['batch_no'])} (sequence {int(early['first_seq'])}…" in str(found[0][2])
+    assert "records altered" in str(found[0][2])
+    with pytest.raises(CorruptLedgerError, match=rf"batch {int(early['batch_no'])} \(sequence"):
+        Node.open(path)
+
+
+@pytest.mark.parametrize("pace", [False, True])
+def test_checkpoint_file_round_trips_every_array_kind(tmp_path, pace):
+    """save_npz (no tobytes copies) writes what np.load reads back: structured, 2-D, empty,
+    larger than one 8 MiB piece; and the same bytes np.savez writes."""
+    from yikatong.engine.layouts import CARD_HOT_DTYPE, TXN_DTYPE
+    from yikatong.ledger.node import save_npz
+    rng = np.random.default_rng(1)
+    arrays = {
+        "cards": rng.integers(0, 256, 7 * CARD_HOT_DTYPE.itemsize, dtype=np.uint8).view(CARD_HOT_DTYPE),
+        "txns": rng.integers(0, 256, 70_001 * TXN_DTYPE.itemsize, dtype=np.uint8).view(TXN_DTYPE),
+        "grid": np.arange(12, dtype="<u8").reshape(3, 4), "empty": np.zeros(0, "<i4"),
+    }
+    ours, theirs = str(tmp_path / "ours.npz"), str(tmp_path / "theirs.npz")
+    with open(ours, "wb") as f:
+        save_npz(f, arrays, pace=pace)
+    np.savez(theirs, **arrays)
+    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    with np.load(ours) as loaded:
+        assert sorted(loaded.files) == sorted(arrays)
+        for name, array in arrays.items():
+            back = loaded[name]
+            assert (back.dtype, back.shape, back.tobytes()) == (array.dtype, array.shape, array.tobytes()), name
+            assert back.flags.writeable
+
