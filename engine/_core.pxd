@@ -73,6 +73,10 @@ cdef enum:
     RC_99 = 0x3939
     RC_A0 = 0x3041
 
+# ---- limits_fen slots: per command (its max amount); slot 0 (no command 0) is the family-aid cap
+cdef enum:
+    LIMIT_FAMILY_AID = 0     # 家庭共济: what the payer's insurance account pays per settlement at most
+
 # ---- Request.flags --------------------------------------------------------------------------
 cdef enum:
     REQ_AU = 1               # 62.AU: the insurance account may pay (default on)

@@ -515,6 +515,8 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         payer = live_slot(s, s.payer_slot[slot])
         if payer >= 0 and card_usable(s, payer, bd):
             aid_fen = imin(share_fen - ins_fen, s.cards[payer].ins_balance_fen)
+            if s.limits_fen[LIMIT_FAMILY_AID] > 0:
+                aid_fen = imin(aid_fen, s.limits_fen[LIMIT_FAMILY_AID])
         else:
             payer = -1
     rest_fen = share_fen - ins_fen - aid_fen

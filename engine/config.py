@@ -61,6 +61,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     withdrawal_fen_max: int = 0
     transfer_fen_max: int = 0
     deposit_fen_max: int = 0
+    family_aid_per_settlement_fen_max: int = 0   # 家庭共济: a payer's account pays at most this per settlement; 0 = no cap
     pin_tries_social_max: int = 6
     pin_tries_bank_max: int = 3
 

@@ -198,10 +198,10 @@ def genesis_batches(keys: CardKeys, generated_cards: int, chunk: int = 1_000_000
 
 
 def demo_engine(generated_cards: int = 100_000, business_date: int | None = None,
-                txn_retention_count: int = 1 << 20, data_key: bytes = DEMO_DATA_KEY):
+                txn_retention_count: int = 1 << 20, data_key: bytes = DEMO_DATA_KEY, config: NodeConfig | None = None):
     """An Engine holding exactly the demo node (without a journal). Returns (engine, keys)."""
     keys = CardKeys(data_key)
-    engine = Engine(demo_config(), card_capacity=len(NAMED_CARDS) + generated_cards,
+    engine = Engine(config or demo_config(), card_capacity=len(NAMED_CARDS) + generated_cards,
                     txn_retention_count=txn_retention_count)
     bd = business_date or today()
     for batch in genesis_batches(keys, generated_cards):

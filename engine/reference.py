@@ -91,6 +91,7 @@ class Reference:
         self.inst_index = {x.code: i for i, x in enumerate(config.institutions)}
         self.tries_social_max = config.limits.pin_tries_social_max
         self.tries_bank_max = config.limits.pin_tries_bank_max
+        self.family_aid_max = config.limits.family_aid_per_settlement_fen_max
         self.limits = {Cmd.PURCHASE: config.limits.purchase_fen_max,
                        Cmd.WITHDRAW: config.limits.withdrawal_fen_max,
                        Cmd.TRANSFER: config.limits.transfer_fen_max,
@@ -374,6 +375,8 @@ class Reference:
             if payer_now >= 0 and self.card_gate(self.cards[payer_now], False, bd) == 0:
                 payer = payer_now
                 aid = min(share - ins, self.cards[payer].ins)
+                if self.family_aid_max:
+                    aid = min(aid, self.family_aid_max)
         rest = share - ins - aid
         fin_avail = card.fin if card.flags & CardFlag.FIN_ACTIVE else 0
         code = rc("00")

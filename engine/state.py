@@ -154,6 +154,7 @@ def limits_array(config: NodeConfig) -> np.ndarray:
     limits[Cmd.WITHDRAW] = config.limits.withdrawal_fen_max
     limits[Cmd.TRANSFER] = config.limits.transfer_fen_max
     limits[Cmd.DEPOSIT] = config.limits.deposit_fen_max
+    limits[0] = config.limits.family_aid_per_settlement_fen_max    # LIMIT_FAMILY_AID (_core.pxd)
     return limits
 
 

@@ -171,9 +171,13 @@ def total_fen(engine):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=10, max_size=150), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
-       date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8))
-def test_engine_matches_reference(ops, cuts, date_picks):
+       date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8),
+       aid_cap_fen=st.sampled_from([0, 0, 1, 2500, 10**6]))
+def test_engine_matches_reference(ops, cuts, date_picks, aid_cap_fen):
+    import msgspec
     config = demo_config()
+    config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
+        config.limits, family_aid_per_settlement_fen_max=aid_cap_fen))
     engine = Engine(config, card_capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS, txn_retention_count=4096)
     ref = Reference(config, capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS)
     pans = list(PANS)
@@ -210,3 +214,40 @@ CODE_COUNTS = {}
 def _count_codes(results):
     for code in results["code"]:
         CODE_COUNTS[int(code)] = CODE_COUNTS.get(int(code), 0) + 1
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(aid_cap_fen=st.sampled_from([0, 1, 2500, 7000, 10**6]),
+       claims=st.lists(st.tuples(st.integers(1, 90_000), st.booleans(), st.booleans()), min_size=1, max_size=12))
+def test_family_aid_matches_reference(aid_cap_fen, claims):
+    """家庭共济 under a configured cap: pharmacy settlements of …0041 (payer …0082), some with
+    partial approval, some cancelled, through the engine and the reference model alike."""
+    import msgspec
+    from yikatong.engine.builders import medical
+    config = demo_config()
+    config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
+        config.limits, family_aid_per_settlement_fen_max=aid_cap_fen))
+    engine = Engine(config, card_capacity=len(NAMED_CARDS) + 8, txn_retention_count=1024)
+    ref = Reference(config, capacity=len(NAMED_CARDS) + 8)
+    for batch in genesis_batches(KEYS, 0):
+        engine.apply_batch(batch, business_date=20261124)
+        for q in batch:
+            ref.apply(q, 20261124)
+    aid_paid = 0
+    for stan, (amount, pa, cancel) in enumerate(claims, start=1):
+        q = medical(engine, KEYS, "6214830000000041", "T0000004", amount, 0, 0, 0, amount, med_type=41,
+                    pa=pa, pin="147258", stan=stan)
+        r = engine.apply_batch(q, business_date=20261124)[0]
+        expected = ref.apply(q[0], 20261124)
+        assert {k: int(r[k]) for k in expected} == expected
+        aid_paid += int(r["aid_leg_fen"])
+        if aid_cap_fen:
+            assert r["aid_leg_fen"] <= aid_cap_fen
+        if cancel and r["code"] in (rc("00"), rc("10")):
+            c = request(engine, KEYS, Cmd.MED_CANCEL, pan="6214830000000041", terminal="T0000004",
+                        amount_fen=amount, orig_rrn=int(r["rrn"]), stan=1000 + stan)
+            cr = engine.apply_batch(c, business_date=20261124)[0]
+            expected = ref.apply(c[0], 20261124)
+            assert {k: int(cr[k]) for k in expected} == expected
+    for slot in range(engine.card_count):
+        assert card_state_engine(engine, slot) == card_state_reference(ref, slot), slot

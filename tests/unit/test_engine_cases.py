@@ -212,3 +212,20 @@ def test_generated_card_figures(demo):
         assert engine.balances(slot) == (100000 + (k % 1000) * 100, 5000000)
         assert engine.column("region_index")[slot] == (0 if k % 2 == 0 else 1)
         assert engine.column("person_type")[slot] == (1 if k % 3 == 0 else 0)
+
+
+def test_family_aid_cap_per_settlement():
+    """家庭共济 limits are configuration: with limits.family_aid_per_settlement_fen_max = 4,000 the
+    payer …0082 pays at most 4,000 fen of …0041's share; the bank account pays the rest."""
+    import msgspec
+    from yikatong.engine.demo import demo_config, demo_engine
+    config = demo_config()
+    config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
+        config.limits, family_aid_per_settlement_fen_max=4000))
+    engine, keys = demo_engine(0, business_date=BD, config=config)
+    r = apply(engine, medical(engine, keys, "6214830000000041", "T0000004", 70000, 0, 0, 0, 70000,
+                              med_type=41, pin="147258"))
+    assert legs(r) == ("00", 0, 50000, 16000, 0) and r["aid_leg_fen"] == 4000
+    payer_slot = engine.slot_of(keys.pan_hash("6214830000000082"))
+    assert engine.balances(payer_slot) == (6000, 500000)
+    assert engine.balances(r["card_slot"]) == (0, 84000)
