@@ -202,3 +202,27 @@ def test_read_into_a_reused_buffer(node_dir):
             j.read(1, 10, out=np.zeros(4000, np.uint8))
     finally:
         j.close()
+
+
+def test_verify_names_the_first_record_replay_answers_differently(node_dir, tmp_path):
+    """An intact journal replayed under another configuration (here: one policy's deductible
+    changed in node.json) diverges; verify names the first settlement that answers differently."""
+    import json
+    copy = str(tmp_path / "reconfigured")
+    shutil.copytree(node_dir, copy)
+    os.remove(os.path.join(copy, "node.lock"))
+    path = os.path.join(copy, "node.json")
+    settings = json.load(open(path))
+    j = Journal(copy, readonly=True)
+    records = j.read()
+    j.close()
+    med = records[(records["result"]["cmd"] == Cmd.MED_SETTLE) & (records["result"]["deductible_fen"] > 0)]
+    assert len(med)
+    for policy in settings["config"]["policies"]:
+        policy["deductible_first_fen"] += 1
+        policy["deductible_later_fen"] += 1
+    open(path, "w").write(json.dumps(settings))
+    first_changed = int(med["seq"][0])
+    with pytest.raises(VerifyError) as e:
+        verify(copy)
+    assert (e.value.what, e.value.seq) == ("replay", first_changed)
