@@ -303,6 +303,7 @@ class Server:
         self.pending_runs = []            # [connection, frame count] in arrival order
         self.inflight = collections.deque()
         self.flush_scheduled = False
+        self.checkpoint_due = False
         self.pending_since = 0.0
         self.draining = False
         self.failed = None
@@ -449,6 +450,8 @@ class Server:
             return
         if len(self.inflight) >= self.limits.batches_in_flight_max:
             return                     # the next ack flushes
+        if self.checkpoint_due and self.inflight:
+            return                     # a checkpoint waits for a quiet point: the next ack flushes
         if self.inflight and len(self.pending_frames) < self.limits.batch_size_max and not self.draining:
             # Linger: with batches already waiting for the disk, frames arriving now wait for the
             # commit in progress anyway; gather them for up to batch_linger_us into one batch
@@ -578,8 +581,16 @@ class Server:
                 self.metrics.commit_ms[np.searchsorted(COMMIT_BUCKETS_MS, ms)] += 1
                 self.metrics.commit_ms_sum += ms
             self._deliver(batch)
-        if not self.inflight and journal.last_seq - self.node.checkpoint_seq >= self.node.settings.checkpoint_every_records:
-            self.node.checkpoint(background=True)
+        if journal.last_seq - self.node.checkpoint_seq >= self.node.settings.checkpoint_every_records:
+            # A checkpoint is taken at a quiet point (everything submitted is durable, so
+            # Node.checkpoint does not block on the writer); under continuous load the batcher
+            # holds new batches back until the in-flight ones are acked — a bubble of about one
+            # commit every checkpoint_every_records — so checkpoints happen whatever the load.
+            if self.inflight:
+                self.checkpoint_due = True
+            else:
+                self.checkpoint_due = False
+                self.node.checkpoint(background=True)
         if self.pending_frames and not self.flush_scheduled:
             self._schedule_flush()
 
