@@ -309,7 +309,7 @@ class Node:
         if not background:
             return _write_checkpoint(folder, arrays, seq, batch_no, chain_hash)
         self._checkpoint_thread = threading.Thread(
-            target=_write_checkpoint, args=(folder, arrays, seq, batch_no, chain_hash),
+            target=_write_checkpoint_niced, args=(folder, arrays, seq, batch_no, chain_hash),
             name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
         return npz
@@ -341,6 +341,16 @@ class Node:
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join()
         self.journal.close()
+
+
+def _write_checkpoint_niced(*args) -> str:
+    """A background checkpoint at a lower CPU priority (nice +10, this thread only): on a busy
+    core its hashing and writing yield to the thread answering terminals."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass                                   # not Linux, or not permitted: same priority
+    return _write_checkpoint(*args)
 
 
 def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes) -> str:
