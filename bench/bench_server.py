@@ -15,9 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
-import pytest
 
 from bench.conftest import size
 

@@ -86,7 +86,6 @@ def wire_load(port: int, count: int, cards: int, data_dir: str) -> dict:
 def run_demo(args):
     import os
     import shutil
-    from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
     from yikatong.ledger.node import Node
     from yikatong.ledger.verify import verify
     from .nodes import init_demo_node
@@ -98,7 +97,6 @@ def run_demo(args):
     t0 = time.perf_counter()
     node = init_demo_node(data_dir, args.cards, business_date=business_date)
     open(os.path.join(data_dir, "demo.marker"), "w").write("created by `yikatong demo`; removed by the next run\n")
-    keys = CardKeys(DEMO_DATA_KEY)
     engine = node.engine
     print(f"Demo node (DEMO.md) in {data_dir}: {engine.card_count:,} cards, {len(engine.config.terminals)} terminals, "
           f"business date {business_date}, genesis journaled in {time.perf_counter() - t0:.2f} s "

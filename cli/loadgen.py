@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from yikatong.engine.demo import DEMO_TMK_HEX, GENERATED_TERMINALS, generated_pans
-from yikatong.protocols import _client, _codec, _des
+from yikatong.protocols import _client, _codec, security
 from yikatong.protocols._framing import Framer
 
 from .progress import Progress
@@ -62,12 +62,10 @@ async def sign_on(host, port, session: TerminalSession, tmk: bytes):
             "60": "00000001003"}))
         if reply.get("39") != "00":
             raise RuntimeError(f"sign-on of {session.tid}: response {reply.get('39')}")
-        keys = reply["62"]
-        pin_key = _des.tdes_ecb(tmk, keys[0:16], decrypt=True)
-        mac_key = _des.tdes_ecb(tmk, keys[20:36], decrypt=True)
-        if _des.check_value(pin_key) != keys[16:20] or _des.check_value(mac_key) != keys[36:40]:
-            raise RuntimeError(f"sign-on of {session.tid}: key check values do not match")
-        session.pin_key, session.mac_key = pin_key, mac_key
+        try:
+            session.pin_key, session.mac_key = security.open_working_keys(tmk, reply["62"])
+        except ValueError:
+            raise RuntimeError(f"sign-on of {session.tid}: key check values do not match") from None
         session.batch_no = int(reply["60"][2:8])
     finally:
         writer.close()
@@ -80,10 +78,8 @@ async def settle(host, port, session: TerminalSession) -> str:
     try:
         fields = {"t": "0500", "11": "%06d" % 999998, "41": session.tid, "42": LOAD_INSTITUTION,
                   "48": "%012d%03d%012d%03d0" % (session.debit_fen, session.debit_count % 1000, 0, 0) + "0" * 31,
-                  "60": "00%06d201" % session.batch_no, "64": bytes(8)}
-        body = _codec.encode_fields(fields)
-        mac = (_des.mac_x919 if session.mac_alg == "x9.19" else _des.mac_cups_ecb)(session.mac_key, body[11:-8])
-        body = body[:-8] + mac
+                  "60": "00%06d201" % session.batch_no}
+        body = security.sealed_body(fields, session.mac_alg, session.mac_key)
         writer.write(len(body).to_bytes(2, "big") + body)
         head = await reader.readexactly(2)
         reply = _codec.decode_fields(await reader.readexactly(int.from_bytes(head, "big")))

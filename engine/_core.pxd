@@ -329,6 +329,11 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     x ^= x >> 31
     return x
 
+cdef inline bint reversible(uint8_t cmd) noexcept nogil:
+    # commands a reversal (冲正) may undo (PROTOCOL.md §3: the "reversible" column)
+    return (cmd == CMD_PURCHASE or cmd == CMD_VOID or cmd == CMD_MED_SETTLE or cmd == CMD_MED_CANCEL
+            or cmd == CMD_DEPOSIT or cmd == CMD_WITHDRAW or cmd == CMD_TRANSFER)
+
 cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, size_t length) noexcept nogil
 cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
                     uint32_t business_date) noexcept nogil

@@ -424,11 +424,6 @@ cdef inline bint approved(uint16_t code) noexcept nogil:
     return code == RC_00 or code == RC_10
 
 
-cdef inline bint reversible(uint8_t cmd) noexcept nogil:
-    return (cmd == CMD_PURCHASE or cmd == CMD_VOID or cmd == CMD_MED_SETTLE or cmd == CMD_MED_CANCEL
-            or cmd == CMD_DEPOSIT or cmd == CMD_WITHDRAW or cmd == CMD_TRANSFER)
-
-
 # ---------------------------------------------------------------------------------------------
 # Posting and un-posting the legs of a medical settlement
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from yikatong.engine import Cmd, ResFlag
 
-from .records import KIND_COMMAND
 
 SQL_DIR = os.path.join(os.path.dirname(__file__), "sql")
 

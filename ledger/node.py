@@ -17,7 +17,7 @@ import zipfile
 import msgspec
 import numpy as np
 
-from yikatong.engine import Engine, RESULT_DTYPE
+from yikatong.engine import Engine
 from yikatong.engine.config import NodeConfig
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT

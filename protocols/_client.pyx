@@ -13,7 +13,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 cimport numpy as cnp
 import numpy as np
 
-from yikatong.protocols._codec cimport Wire, Loc, parse_fields
+from yikatong.protocols._codec cimport Wire, Loc, parse_fields, put_bcd, put_ascii_digits
 from yikatong.protocols._des cimport mac_many, tdes_ecb_many
 from yikatong.protocols import _codec
 
@@ -27,20 +27,6 @@ assert REPLY_DTYPE.fields["rrn"][1] == 16 and REPLY_DTYPE.fields["amount_fen"][1
 cdef enum:
     KINDS = 3
     IS_DIGITS = 6                 # fixed width of the IS amount in the template (amount ≤ 999999 fen)
-
-
-cdef inline void put_bcd(uint8_t* o, uint64_t v, int digits) noexcept nogil:
-    cdef int i
-    for i in range(digits // 2 - 1, -1, -1):
-        o[i] = <uint8_t>((((v // 10) % 10) << 4) | (v % 10))
-        v //= 100
-
-
-cdef inline void put_ascii(uint8_t* o, uint64_t v, int width) noexcept nogil:
-    cdef int i
-    for i in range(width - 1, -1, -1):
-        o[i] = <uint8_t>(48 + v % 10)
-        v //= 10
 
 
 cdef class RequestFactory:
@@ -138,7 +124,7 @@ cdef class RequestFactory:
                     memcpy(o + pos + self.off_pan[k], self._pans_bcd + 8 * card, 8)
                     if self.off_amount[k] >= 0:
                         put_bcd(o + pos + self.off_amount[k], <uint64_t>amounts[i], 12)
-                        put_ascii(o + pos + self.off_is[k], <uint64_t>amounts[i], IS_DIGITS)
+                        put_ascii_digits(o + pos + self.off_is[k], <uint64_t>amounts[i], IS_DIGITS)
                     if self.off_pin[k] >= 0:
                         memcpy(blocks + 8 * npin, self._pin_fields + 8 * card, 8)
                         pin_at[npin] = <int32_t>(pos + self.off_pin[k])

@@ -92,3 +92,19 @@ ctypedef struct Loc:
 # Locate and validate every field of a frame body (TPDU onward): 0, or -1 with w.err_* set.
 # w.present gets a bit per field found. Used by the codec and by the load generator's reply scan.
 cdef int parse_fields(const uint8_t* b, Py_ssize_t n, Loc* loc, Wire* w) noexcept nogil
+
+
+# Writers shared by the codec and the load generator's request builder (_client.pyx).
+cdef inline void put_bcd(uint8_t* o, uint64_t v, int digits) noexcept nogil:
+    """v as `digits` digits (even), packed BCD, right-aligned with leading zeros."""
+    cdef int i
+    for i in range(digits // 2 - 1, -1, -1):
+        o[i] = <uint8_t>((((v // 10) % 10) << 4) | (v % 10))
+        v //= 100
+
+cdef inline void put_ascii_digits(uint8_t* o, uint64_t v, int width) noexcept nogil:
+    """v as `width` ASCII digits, zero-filled."""
+    cdef int i
+    for i in range(width - 1, -1, -1):
+        o[i] = <uint8_t>(48 + v % 10)
+        v //= 10

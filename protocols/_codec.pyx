@@ -24,7 +24,7 @@ cimport numpy as cnp
 import numpy as np
 
 from yikatong.engine._core cimport (
-    Request, Result, siphash24, mix64,
+    Request, Result, siphash24, mix64, reversible,
     CMD_BALANCE, CMD_PURCHASE, CMD_VOID, CMD_REFUND, CMD_MED_SETTLE, CMD_MED_CANCEL,
     CMD_MED_PRESETTLE, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_REVERSAL,
     RC_00, RC_10, RC_12, RC_30, REQ_AU, REQ_PA, REQ_FP, REQ_PIN)
@@ -400,7 +400,7 @@ cdef class Codec:
         """One frame body → q and w. 0 when the engine (or the server, for management messages)
         takes it; -1 when the codec answers it (q.pre_code set, w.err_* say why)."""
         cdef Loc loc[65]
-        cdef int f, i, d, mti_class, sep
+        cdef int i, mti_class, sep
         cdef Loc* l
         cdef uint32_t proc
         cdef uint8_t f60_1, cmd, sub
@@ -421,7 +421,7 @@ cdef class Codec:
             if w.err_field != 0 or w.err_what == ERR_SECONDARY or w.err_what == ERR_TRAILING:
                 w.mti = <uint16_t>(nib(b + 11, 0) * 1000 + nib(b + 11, 1) * 100 + nib(b + 11, 2) * 10 + nib(b + 11, 3))
             self._read_common(b, loc, q, w)
-            return self._reject(b, n, q, w, RC_30)
+            return self._reject(q, w, RC_30)
         w.mti = <uint16_t>(nib(b + 11, 0) * 1000 + nib(b + 11, 1) * 100 + nib(b + 11, 2) * 10 + nib(b + 11, 3))
         w.mab_len = <uint16_t>(n - 11)
         if has(w, 64):
@@ -430,12 +430,12 @@ cdef class Codec:
             memcpy(w.mac, b + loc[64].off, 8)
         self._read_common(b, loc, q, w)
         for i in range(4):
-            if self._need(b, q, w, COMMON_FIELDS[i], loc) < 0:
+            if self._need(q, w, COMMON_FIELDS[i]) < 0:
                 return -1
         l = &loc[60]
         if l.units < 8 or l.units == 9 or l.units == 10:
             set_err(w, 60, l.off, ERR_VALUE, l.units)
-            return self._reject(b, n, q, w, RC_30)
+            return self._reject(q, w, RC_30)
         f60_1 = <uint8_t>digits_value(b, l, 0, 2)
         w.f60_1 = f60_1
         w.batch_no = <uint32_t>digits_value(b, l, 2, 6)
@@ -457,26 +457,26 @@ cdef class Codec:
             return 0
         if w.mti == 500 and f60_3 == 201:
             w.kind = WK_SETTLE
-            return self._need(b, q, w, 48, loc)
+            return self._need(q, w, 48)
         if w.mti == 320 and (f60_3 == 201 or f60_3 == 202 or f60_3 == 207):
             w.kind = WK_UPLOAD
             return 0
         if not has(w, 3):
             if w.mti == 200 or w.mti == 220 or w.mti == 400:
                 set_err(w, 3, 13, ERR_MISSING, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             set_err(w, 0, 11, ERR_ROUTE, w.mti)
-            return self._reject(b, n, q, w, RC_12)
+            return self._reject(q, w, RC_12)
         cmd = route(200 if w.mti == 400 else w.mti, proc, f60_1)
-        if cmd == 0 or (w.mti == 400 and not reversible_cmd(cmd)):
+        if cmd == 0 or (w.mti == 400 and not reversible(cmd)):
             set_err(w, 0, 11, ERR_ROUTE, w.mti)
-            return self._reject(b, n, q, w, RC_12)
+            return self._reject(q, w, RC_12)
         w.kind = WK_ENGINE
         if cmd == CMD_BALANCE:
             sub = <uint8_t>((proc // 100) % 100)
             if sub != 10 and sub != 91 and sub != 0:
                 set_err(w, 3, loc[3].off, ERR_VALUE, <int32_t>proc)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             q.acct_type = sub
         q.cmd = CMD_REVERSAL if w.mti == 400 else cmd
 
@@ -485,7 +485,7 @@ cdef class Codec:
             l = &loc[2]
             if l.units < 13:
                 set_err(w, 2, l.off, ERR_VALUE, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             for i in range(l.units):
                 w.pan[i] = <uint8_t>(48 + nib(b + l.off, i))
             w.pan_len = <uint8_t>l.units
@@ -498,35 +498,35 @@ cdef class Codec:
                     break
             if sep < 13 or sep > 19:
                 set_err(w, 35, l.off, ERR_TRACK2, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             for i in range(sep):
                 w.pan[i] = <uint8_t>(48 + nib(b + l.off, i))
             w.pan_len = <uint8_t>sep
         else:
             set_err(w, 2, 13, ERR_MISSING, -1)
-            return self._reject(b, n, q, w, RC_30)
+            return self._reject(q, w, RC_30)
         q.pan_hash = siphash24(self.pan_k0, self.pan_k1, w.pan, w.pan_len)
         q.pan_last4 = <uint16_t>((w.pan[w.pan_len - 4] - 48) * 1000 + (w.pan[w.pan_len - 3] - 48) * 100
                                  + (w.pan[w.pan_len - 2] - 48) * 10 + (w.pan[w.pan_len - 1] - 48))
 
         # ---- fields every card transaction carries --------------------------------------------
         if cmd != CMD_BALANCE:
-            if self._need(b, q, w, 4, loc) < 0:
+            if self._need(q, w, 4) < 0:
                 return -1
             q.amount_fen = w.amount_fen
         if w.mti == 400:
-            if self._need(b, q, w, 39, loc) < 0:
+            if self._need(q, w, 39) < 0:
                 return -1
             memcpy(w.f39, b + loc[39].off, 2)
         else:
             for i in range(5):
-                if self._need(b, q, w, CARD_FIELDS[i], loc) < 0:
+                if self._need(q, w, CARD_FIELDS[i]) < 0:
                     return -1
             if memcmp(b + loc[49].off, b"156", 3) != 0:
                 set_err(w, 49, loc[49].off, ERR_VALUE, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
         if has(w, 52):
-            if self._need(b, q, w, 53, loc) < 0:
+            if self._need(q, w, 53) < 0:
                 return -1
             memcpy(w.pin_block, b + loc[52].off, 8)
             w.flags |= WF_PIN
@@ -535,36 +535,36 @@ cdef class Codec:
         # carries the original's 2, 3, 4, 11, 60 (+ 39, 41, 42) only, PROTOCOL.md §3.2, and the
         # engine matches it by 41 + 11 + 60.2 (fix: 0400 of a void / cancel was refused with 30)
         if (cmd == CMD_VOID or cmd == CMD_MED_CANCEL or cmd == CMD_REFUND) and w.mti != 400:
-            if self._need(b, q, w, 37, loc) < 0 or self._need(b, q, w, 61, loc) < 0:
+            if self._need(q, w, 37) < 0 or self._need(q, w, 61) < 0:
                 return -1
             ok = True
             q.orig_rrn = ascii_value(b + loc[37].off, 12, &ok)
             if not ok:
                 set_err(w, 37, loc[37].off, ERR_VALUE, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             l = &loc[61]
             if l.units < 16:
                 set_err(w, 61, l.off, ERR_VALUE, l.units)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             q.orig_batch = <uint32_t>digits_value(b, l, 0, 6)
             q.orig_stan = <uint32_t>digits_value(b, l, 6, 6)
             q.orig_date = <uint16_t>digits_value(b, l, 12, 4)
         if cmd == CMD_TRANSFER and w.mti != 400:       # not on its reversal either (§3.2)
-            if self._need(b, q, w, 48, loc) < 0:
+            if self._need(q, w, 48) < 0:
                 return -1
             l = &loc[48]
             if l.units < 13 or l.units > 19:
                 set_err(w, 48, l.off, ERR_VALUE, -1)
-                return self._reject(b, n, q, w, RC_30)
+                return self._reject(q, w, RC_30)
             for i in range(l.units):
                 keybuf[i] = <uint8_t>(48 + nib(b + l.off, i))
             q.pan2_hash = siphash24(self.pan_k0, self.pan_k1, keybuf, l.units)
         if cmd == CMD_MED_SETTLE or cmd == CMD_MED_PRESETTLE:
             if w.mti != 400:
-                if self._need(b, q, w, 62, loc) < 0:
+                if self._need(q, w, 62) < 0:
                     return -1
                 if self._medical_tlv(b, &loc[62], q, w) < 0:
-                    return self._reject(b, n, q, w, RC_30)
+                    return self._reject(q, w, RC_30)
         # ---- the duplicate key (PROTOCOL.md §3.2): MTI class + 32 + 41 + 42 + 11 + 60.2 + 13 ---
         mti_class = 4 if w.mti == 400 else 2
         kp = 0
@@ -622,13 +622,13 @@ cdef class Codec:
             w.f60_len = loc[60].units
             memcpy(w.f60, b + loc[60].off, loc[60].nbytes)
 
-    cdef int _need(self, const uint8_t* b, Request* q, Wire* w, int f, Loc* loc) noexcept nogil:
+    cdef int _need(self, Request* q, Wire* w, int f) noexcept nogil:
         if has(w, f):
             return 0
         set_err(w, f, 13 + (f - 1) // 8, ERR_MISSING, -1)
-        return self._reject(b, 0, q, w, RC_30)
+        return self._reject(q, w, RC_30)
 
-    cdef int _reject(self, const uint8_t* b, Py_ssize_t n, Request* q, Wire* w, uint16_t code) noexcept nogil:
+    cdef int _reject(self, Request* q, Wire* w, uint16_t code) noexcept nogil:
         """The codec answers: keep what the reply needs (MTI, 11, 41, 42, 60), drop the rest."""
         cdef uint32_t stan = q.stan, batch = q.batch_no, t = q.local_time
         cdef int32_t term = q.terminal_index, inst = q.institution_index
@@ -921,14 +921,6 @@ cdef inline uint64_t bit_of(int f) noexcept nogil:
     return (<uint64_t>1) << (64 - f)
 
 
-cdef inline void put_bcd(uint8_t* o, uint64_t v, int digits) noexcept nogil:
-    """v as `digits` digits (even), packed BCD, right-aligned with leading zeros."""
-    cdef int i
-    for i in range(digits // 2 - 1, -1, -1):
-        o[i] = <uint8_t>((((v // 10) % 10) << 4) | (v % 10))
-        v //= 100
-
-
 cdef inline Py_ssize_t put_digits(uint8_t* o, const uint8_t* ascii, int count) noexcept nogil:
     """ASCII digits as left-aligned packed BCD (trailing 0 nibble when odd). Returns bytes."""
     cdef int i
@@ -940,13 +932,6 @@ cdef inline Py_ssize_t put_digits(uint8_t* o, const uint8_t* ascii, int count) n
         else:
             o[i >> 1] = <uint8_t>((ascii[i] - 48) << 4)
     return nbytes
-
-
-cdef inline void put_ascii_digits(uint8_t* o, uint64_t v, int width) noexcept nogil:
-    cdef int i
-    for i in range(width - 1, -1, -1):
-        o[i] = <uint8_t>(48 + v % 10)
-        v //= 10
 
 
 cdef inline Py_ssize_t put_balance(uint8_t* o, const char* acct, int64_t fen) noexcept nogil:
@@ -1016,11 +1001,6 @@ cdef inline uint8_t route(uint16_t mti, uint32_t proc, uint8_t f60_1) noexcept n
         if proc == 200000 and f60_1 == 25:
             return CMD_REFUND
     return 0
-
-
-cdef inline bint reversible_cmd(uint8_t cmd) noexcept nogil:
-    return (cmd == CMD_PURCHASE or cmd == CMD_VOID or cmd == CMD_MED_SETTLE or cmd == CMD_MED_CANCEL
-            or cmd == CMD_DEPOSIT or cmd == CMD_WITHDRAW or cmd == CMD_TRANSFER)
 
 
 def _check_rows(cnp.ndarray requests, cnp.ndarray wires, Py_ssize_t rows):

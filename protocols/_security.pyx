@@ -60,10 +60,79 @@ cdef class TerminalKeys:
         self.bad_macs[index] = 0
         self.signed_on[index] = 1
 
+    cdef inline bint _count_mac(self, int32_t t, bint ok) noexcept nogil:
+        """One MAC checked: a good one resets the count; the third bad one in a row signs the
+        terminal off (its next message answers 77). True when that just happened."""
+        if ok:
+            self._bad_macs[t] = 0
+            return False
+        self._bad_macs[t] += 1
+        if self._bad_macs[t] >= BAD_MACS_MAX:
+            self._signed_on[t] = 0
+            return True
+        return False
+
+    def count_mac(self, int index, bint ok) -> bool:
+        """For the management messages checked in Python (server._manage)."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"terminal index {index}")
+        return self._count_mac(index, ok)
+
     def sign_off(self, int index):
         self.signed_on[index] = 0
         self.pin_key[index] = 0
         self.mac_key[index] = 0
+
+
+cdef class _Scratch:
+    """Per-batch scratch for the batched calls, freed with the object: up to `capacity` MACs
+    (message pointer, length, key, algorithm, result, row) and PIN blocks (key, block, row)."""
+    cdef const uint8_t** data
+    cdef uint32_t* length
+    cdef uint8_t* keys
+    cdef uint8_t* algs
+    cdef uint8_t* macs
+    cdef int32_t* rows
+    cdef Py_ssize_t count
+    cdef uint8_t* pin_keys
+    cdef uint8_t* blocks
+    cdef int32_t* pin_rows
+    cdef Py_ssize_t pins
+
+    def __cinit__(self, Py_ssize_t capacity, bint with_pins):
+        capacity += 1
+        self.data = <const uint8_t**>malloc(sizeof(uint8_t*) * capacity)
+        self.length = <uint32_t*>malloc(sizeof(uint32_t) * capacity)
+        self.keys = <uint8_t*>malloc(16 * capacity)
+        self.algs = <uint8_t*>malloc(capacity)
+        self.macs = <uint8_t*>malloc(8 * capacity)
+        self.rows = <int32_t*>malloc(sizeof(int32_t) * capacity)
+        if with_pins:
+            self.pin_keys = <uint8_t*>malloc(16 * capacity)
+            self.blocks = <uint8_t*>malloc(8 * capacity)
+            self.pin_rows = <int32_t*>malloc(sizeof(int32_t) * capacity)
+        if not (self.data and self.length and self.keys and self.algs and self.macs and self.rows
+                and (not with_pins or (self.pin_keys and self.blocks and self.pin_rows))):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.blocks:
+            memset(self.blocks, 0, 8 * self.pins)        # clear PIN blocks (card data) before freeing
+        free(self.data); free(self.length); free(self.keys); free(self.algs); free(self.macs); free(self.rows)
+        free(self.pin_keys); free(self.blocks); free(self.pin_rows)
+
+    cdef inline void add_mac(self, const uint8_t* data, uint32_t length, const uint8_t* key, uint8_t alg,
+                             int32_t row) noexcept nogil:
+        self.data[self.count] = data
+        self.length[self.count] = length
+        memcpy(self.keys + 16 * self.count, key, 16)
+        self.algs[self.count] = alg
+        self.rows[self.count] = row
+        self.count += 1
+
+    cdef inline void run_macs(self) noexcept nogil:
+        if self.count:
+            mac_many(self.data, self.length, self.keys, 16, self.algs, self.macs, self.count)
 
 
 def check_requests(list frames not None, cnp.ndarray wires not None, cnp.ndarray requests not None,
@@ -77,97 +146,75 @@ def check_requests(list frames not None, cnp.ndarray wires not None, cnp.ndarray
     cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
     cdef Request* q = <Request*>cnp.PyArray_DATA(requests)
     cdef uint64_t k0 = int.from_bytes(pvv_key[:8], "little"), k1 = int.from_bytes(pvv_key[8:], "little")
-    cdef Py_ssize_t i, m = 0, npin = 0, bad = 0, resign = 0
+    cdef Py_ssize_t i, bad = 0, resign = 0
     cdef int32_t t
     cdef object frame
-    cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (count + 1))
-    cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (count + 1))
-    cdef uint8_t* mkeys = <uint8_t*>malloc(16 * (count + 1))
-    cdef uint8_t* algs = <uint8_t*>malloc(count + 1)
-    cdef uint8_t* macs = <uint8_t*>malloc(8 * (count + 1))
-    cdef int32_t* rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
-    cdef uint8_t* pkeys = <uint8_t*>malloc(16 * (count + 1))
-    cdef uint8_t* blocks = <uint8_t*>malloc(8 * (count + 1))
-    cdef int32_t* pin_rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
+    cdef _Scratch x = _Scratch(count, True)
     cdef uint8_t buf[24]
     cdef char pin[16]
     cdef int pin_len, j
-    if not (data and length and mkeys and algs and macs and rows and pkeys and blocks and pin_rows):
-        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows); free(pkeys); free(blocks); free(pin_rows)
-        raise MemoryError()
-    try:
-        # 1. registered, signed on; gather the MACs to verify
-        for i in range(count):
-            if w[i].flags & WF_NO_REPLY:
-                continue
+    # 1. registered, signed on; gather the MACs to verify
+    for i in range(count):
+        if w[i].flags & WF_NO_REPLY:
+            continue
+        t = w[i].terminal_index
+        if t < 0 or t >= keys.count:
+            if w[i].kind == WK_ENGINE:
+                q[i].pre_code = RC_97
+            continue
+        if not keys._signed_on[t]:
+            if w[i].kind == WK_ENGINE:
+                q[i].pre_code = RC_77
+                w[i].flags |= WF_RESIGN
+            continue
+        w[i].flags |= WF_MAC_REPLY
+        if w[i].kind != WK_ENGINE:
+            continue
+        if w[i].mac_offset == 0:
+            q[i].pre_code = RC_A0
+            continue
+        frame = <object>PyList_GET_ITEM(frames, i)
+        x.add_mac(<const uint8_t*>PyBytes_AS_STRING(frame) + 11, w[i].mab_len, keys._mac_key + 16 * t,
+                  keys._mac_alg[t], <int32_t>i)
+    with nogil:
+        x.run_macs()
+        for j in range(x.count):
+            i = x.rows[j]
             t = w[i].terminal_index
-            if t < 0 or t >= keys.count:
-                if w[i].kind == WK_ENGINE:
-                    q[i].pre_code = RC_97
-                continue
-            if not keys._signed_on[t]:
-                if w[i].kind == WK_ENGINE:
-                    q[i].pre_code = RC_77
-                    w[i].flags |= WF_RESIGN
-                continue
-            w[i].flags |= WF_MAC_REPLY
-            if w[i].kind != WK_ENGINE:
-                continue
-            if w[i].mac_offset == 0:
+            if memcmp(x.macs + 8 * j, w[i].mac, 8) != 0:
                 q[i].pre_code = RC_A0
-                continue
-            frame = <object>PyList_GET_ITEM(frames, i)
-            data[m] = <const uint8_t*>PyBytes_AS_STRING(frame) + 11
-            length[m] = w[i].mab_len
-            memcpy(mkeys + 16 * m, keys._mac_key + 16 * t, 16)
-            algs[m] = keys._mac_alg[t]
-            rows[m] = <int32_t>i
-            m += 1
-        with nogil:
-            if m:
-                mac_many(data, length, mkeys, 16, algs, macs, m)
-            for j in range(m):
-                i = rows[j]
-                t = w[i].terminal_index
-                if memcmp(macs + 8 * j, w[i].mac, 8) != 0:
-                    q[i].pre_code = RC_A0
-                    bad += 1
-                    keys._bad_macs[t] += 1
-                    if keys._bad_macs[t] >= BAD_MACS_MAX:
-                        keys._signed_on[t] = 0        # the next message gets 77
-                        w[i].flags |= WF_RESIGN
-                        resign += 1
-                else:
-                    keys._bad_macs[t] = 0
-            # 2. PIN blocks of the rows still going ahead
-            for i in range(count):
-                if (w[i].flags & WF_PIN) and q[i].pre_code == 0 and w[i].kind == WK_ENGINE:
-                    memcpy(pkeys + 16 * npin, keys._pin_key + 16 * w[i].terminal_index, 16)
-                    memcpy(blocks + 8 * npin, w[i].pin_block, 8)
-                    pin_rows[npin] = <int32_t>i
-                    npin += 1
-            if npin:
-                tdes_ecb_many(pkeys, 16, blocks, blocks, npin, 1)
-            for j in range(npin):
-                i = pin_rows[j]
-                pin_len = pin_from_block(blocks + 8 * j, <const char*>w[i].pan, w[i].pan_len, pin)
-                if pin_len < 0:
-                    q[i].pre_code = RC_99
-                else:
-                    # the verification value the engine compares: SipHash(pvv key, pan_hash + PIN)
-                    memcpy(buf, &q[i].pan_hash, 8)
-                    memcpy(buf + 8, pin, pin_len)
-                    q[i].pin_pvv = <uint32_t>siphash24(k0, k1, buf, 8 + pin_len)
-                    q[i].flags |= REQ_PIN
-                memset(pin, 0, sizeof(pin))
-                memset(buf, 0, sizeof(buf))
-            memset(blocks, 0, 8 * (count + 1))
-            for i in range(count):
-                memset(w[i].pan, 0, sizeof(w[i].pan))
-                memset(w[i].pin_block, 0, 8)
-                w[i].pan_len = 0
-    finally:
-        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows); free(pkeys); free(blocks); free(pin_rows)
+                bad += 1
+                if keys._count_mac(t, False):    # the next message gets 77
+                    w[i].flags |= WF_RESIGN
+                    resign += 1
+            else:
+                keys._count_mac(t, True)
+        # 2. PIN blocks of the rows still going ahead
+        for i in range(count):
+            if (w[i].flags & WF_PIN) and q[i].pre_code == 0 and w[i].kind == WK_ENGINE:
+                memcpy(x.pin_keys + 16 * x.pins, keys._pin_key + 16 * w[i].terminal_index, 16)
+                memcpy(x.blocks + 8 * x.pins, w[i].pin_block, 8)
+                x.pin_rows[x.pins] = <int32_t>i
+                x.pins += 1
+        if x.pins:
+            tdes_ecb_many(x.pin_keys, 16, x.blocks, x.blocks, x.pins, 1)
+        for j in range(x.pins):
+            i = x.pin_rows[j]
+            pin_len = pin_from_block(x.blocks + 8 * j, <const char*>w[i].pan, w[i].pan_len, pin)
+            if pin_len < 0:
+                q[i].pre_code = RC_99
+            else:
+                # the verification value the engine compares: SipHash(pvv key, pan_hash + PIN)
+                memcpy(buf, &q[i].pan_hash, 8)
+                memcpy(buf + 8, pin, pin_len)
+                q[i].pin_pvv = <uint32_t>siphash24(k0, k1, buf, 8 + pin_len)
+                q[i].flags |= REQ_PIN
+            memset(pin, 0, sizeof(pin))
+            memset(buf, 0, sizeof(buf))
+        for i in range(count):
+            memset(w[i].pan, 0, sizeof(w[i].pan))
+            memset(w[i].pin_block, 0, 8)
+            w[i].pan_len = 0
     return bad, resign
 
 
@@ -177,35 +224,16 @@ def sign_replies(bytearray out not None, cnp.ndarray wires not None, Py_ssize_t 
         raise ValueError("sign_replies: fewer rows than count")
     cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
     cdef uint8_t* o = <uint8_t*>(<char*>out)
-    cdef Py_ssize_t i, m = 0, j, size = len(out)
+    cdef Py_ssize_t i, j, size = len(out)
     cdef int32_t t
-    cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (count + 1))
-    cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (count + 1))
-    cdef uint8_t* mkeys = <uint8_t*>malloc(16 * (count + 1))
-    cdef uint8_t* algs = <uint8_t*>malloc(count + 1)
-    cdef uint8_t* macs = <uint8_t*>malloc(8 * (count + 1))
-    cdef int32_t* rows = <int32_t*>malloc(sizeof(int32_t) * (count + 1))
-    if not (data and length and mkeys and algs and macs and rows):
-        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows)
-        raise MemoryError()
-    try:
-        with nogil:
-            for i in range(count):
-                if w[i].reply_len == 0 or w[i].reply_mac == 0:
-                    continue
-                t = w[i].terminal_index
-                if w[i].reply_mac + 8 > size:
-                    continue
-                data[m] = o + w[i].reply_mab
-                length[m] = w[i].reply_mab_len
-                memcpy(mkeys + 16 * m, keys._mac_key + 16 * t, 16)
-                algs[m] = keys._mac_alg[t]
-                rows[m] = <int32_t>i
-                m += 1
-            if m:
-                mac_many(data, length, mkeys, 16, algs, macs, m)
-            for j in range(m):
-                memcpy(o + w[rows[j]].reply_mac, macs + 8 * j, 8)
-    finally:
-        free(data); free(length); free(mkeys); free(algs); free(macs); free(rows)
-    return m
+    cdef _Scratch x = _Scratch(count, False)
+    with nogil:
+        for i in range(count):
+            if w[i].reply_len == 0 or w[i].reply_mac == 0 or w[i].reply_mac + 8 > size:
+                continue
+            t = w[i].terminal_index
+            x.add_mac(o + w[i].reply_mab, w[i].reply_mab_len, keys._mac_key + 16 * t, keys._mac_alg[t], <int32_t>i)
+        x.run_macs()
+        for j in range(x.count):
+            memcpy(o + w[x.rows[j]].reply_mac, x.macs + 8 * j, 8)
+    return x.count

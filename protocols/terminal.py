@@ -11,7 +11,7 @@ verify every reply's MAC, PIN blocks under the PIN key.
 import datetime
 import socket
 
-from . import _codec, _des
+from . import _codec, _des, security
 
 TPDU = b"\x60\x00\x01\x00\x00"
 HEADER = b"\x60\x31\x00\x00\x00\x00"
@@ -64,17 +64,12 @@ class Terminal:
         self.batch_no = 1
         self.pin_key = self.mac_key = None
 
-    def _mac(self, mab: bytes) -> bytes:
-        return (_des.mac_x919 if self.mac_algorithm == "x9.19" else _des.mac_cups_ecb)(self.mac_key, mab)
-
     def send(self, fields: dict) -> Reply:
         if self.sock is None:
             self.sock = socket.create_connection(self.addr, timeout=self.timeout_s)
         fields = dict(fields, tpdu=TPDU, header=HEADER)
         if self.mac_key is not None:
-            fields["64"] = bytes(8)
-            body = _codec.encode_fields(fields)
-            body = body[:-8] + self._mac(body[11:-8])
+            body = security.sealed_body(fields, self.mac_algorithm, self.mac_key)
         else:
             body = _codec.encode_fields(fields)
         self.sock.sendall(len(body).to_bytes(2, "big") + body)
@@ -83,7 +78,7 @@ class Terminal:
         reply = _codec.decode_fields(reply_body)
         mac_ok = None
         if "64" in reply and self.mac_key is not None:
-            mac_ok = self._mac(reply_body[11:-8]) == reply["64"]
+            mac_ok = security.mac_of(self.mac_algorithm, self.mac_key, reply_body[11:-8]) == reply["64"]
         return Reply(reply, mac_ok)
 
     def _recv(self, n: int) -> bytes:
@@ -109,12 +104,7 @@ class Terminal:
         self.pin_key = self.mac_key = None
         reply = self.send(dict(self._common("00", "003"), t="0800"))
         if reply.code == "00":
-            keys = reply.fields["62"]
-            pin_key = _des.tdes_ecb(self.tmk, keys[0:16], decrypt=True)
-            mac_key = _des.tdes_ecb(self.tmk, keys[20:36], decrypt=True)
-            if _des.check_value(pin_key) != keys[16:20] or _des.check_value(mac_key) != keys[36:40]:
-                raise ValueError("sign-on: a working key's check value does not match")
-            self.pin_key, self.mac_key = pin_key, mac_key
+            self.pin_key, self.mac_key = security.open_working_keys(self.tmk, reply.fields["62"])
             self.batch_no = int(reply.fields["60"][2:8])
         return reply
 

@@ -101,7 +101,6 @@ def test_independent_client_medical_request_decodes_to_the_row(total, fo, ol, ps
 
 def test_our_reply_decodes_with_pyiso8583_and_its_mac_verifies():
     """Case A through our codec; the reply read by pyiso8583, its X9.19 MAC checked by cryptography."""
-    from yikatong.engine import new_results
     from yikatong.protocols import _security
     engine, keys = demo_engine(10, business_date=20261130)
     tlv = base_client.medical_tlv(med_type="21", fo=300000, ol=50000, ps=100000, is_=4550000)

@@ -7,13 +7,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from yikatong.engine import Cmd
 from yikatong.engine.builders import medical, request
-from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.ledger import jobs
 from yikatong.nodes import init_demo_node
 
-KEYS = CardKeys(DEMO_DATA_KEY)
-PANS = ["6214830000000017", "6214830000000025", "6214830000000033", "6214830000000082"]
-TERMINALS = ["T0000001", "T0000002", "T0000003"]
+from test_jobs_totals import KEYS, PANS, TERMINALS, _cancel      # the same demo cards and cancel builder
 BD = 20261124
 
 op = st.tuples(st.sampled_from(["settle", "settle", "settle", "cancel", "reverse", "repeat", "replace", "cutover"]),
@@ -60,10 +57,7 @@ def test_scan_equals_sql_path(tmp_path_factory, ops):
                     settled.append((q, r))
             elif kind == "cancel":
                 q0, r0 = settled[ref % len(settled)]
-                q = request(node.engine, KEYS, Cmd.MED_CANCEL, terminal=TERMINALS[0], amount_fen=int(r0["amount_fen"]),
-                            orig_rrn=int(r0["rrn"]), stan=1000 + i)
-                q["pan_hash"], q["terminal_index"], q["institution_index"] = \
-                    q0["pan_hash"], q0["terminal_index"], q0["institution_index"]
+                q = _cancel(node, q0, r0, 1000 + i)
                 node.apply_and_append(q)
                 sent.append(q)
             else:
