@@ -8,6 +8,7 @@ Environment:
                      -O0 -g. The default build is the fast one (-O3, checks off in the hot loops).
 """
 import os
+import sysconfig
 import pathlib
 
 import numpy
@@ -54,6 +55,12 @@ def extensions():
         compile_args = ["-O0", "-g", "-UNDEBUG"]
     else:
         compile_args = ["-O3", "-march=x86-64-v2", "-DNDEBUG"]
+        if "clang" not in (os.environ.get("CC") or sysconfig.get_config_var("CC") or ""):
+            # gcc expands a fixed-size memset/memcpy of 64–512 bytes (a Result, a Txn, a Wire row
+            # cleared per message) into `rep stos`/`rep movs`, whose start-up costs ~30 cycles each
+            # on these Xeons; SSE stores in a loop cost a few. Measured in bench/README.md (engine).
+            compile_args += ["-mmemset-strategy=vector_loop:512:noalign,libcall:-1:noalign",
+                             "-mmemcpy-strategy=vector_loop:512:noalign,libcall:-1:noalign"]
     for package, folder in PACKAGES.items():
         for pyx in sorted((HERE / folder).glob("*.pyx")):
             exts.append(

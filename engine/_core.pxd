@@ -312,6 +312,10 @@ ctypedef struct State:
     Bucket* rev_index
     uint64_t txn_index_mask
     uint64_t* counters             # [0] transactions so far (next RRN - 1), [1] configuration warnings
+    # the batch's business date, split once per batch (a division per message otherwise): set by
+    # set_batch_date before apply_one runs
+    uint32_t batch_year            # YYYY
+    uint32_t batch_yymm            # YYMM, compared with a card's expiry
     # parameters
     int64_t* limits_fen            # per command: max amount (0 = no limit)
     uint8_t pin_tries_social_max

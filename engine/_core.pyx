@@ -23,8 +23,10 @@ cnp.import_array()
 cdef extern from *:
     """
     #define AMOUNT_FEN_MAX 999999999999LL
+    #define AMOUNT_FAST_BOUND (1ULL << 39)
     """
     const int64_t AMOUNT_FEN_MAX
+    const uint64_t AMOUNT_FAST_BOUND   # a power of two below AMOUNT_FEN_MAX
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +235,8 @@ cdef inline int visit_kind(uint8_t med_type) noexcept nogil:
     return -1
 
 
-cdef inline bint accumulators_current(const State* s, int32_t slot, uint32_t business_date) noexcept nogil:
-    return s.years[slot].acc_year == business_date // 10000
+cdef inline bint accumulators_current(const State* s, int32_t slot) noexcept nogil:
+    return s.years[slot].acc_year == s.batch_year
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint
         return RC_62
     if need_fin and not (s.cards[slot].card_flags & CF_FIN_ACTIVE):
         return RC_62
-    if s.years[slot].expiry_yymm != 0 and s.years[slot].expiry_yymm < (business_date // 100) % 10000:
+    if s.years[slot].expiry_yymm != 0 and s.years[slot].expiry_yymm < s.batch_yymm:
         return RC_54
     return 0
 
@@ -473,7 +475,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     cdef uint16_t admissions = 0
     cdef int32_t payer = -1
     cdef uint16_t code = RC_00
-    cdef bint current = accumulators_current(s, slot, bd)
+    cdef bint current = accumulators_current(s, slot)
     if current:
         ded_used = s.cards[slot].ded_used_fen[g]
         fund_paid = s.cards[slot].fund_paid_fen[g]
@@ -550,7 +552,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         s.cards[slot].fund_paid_fen[1] = 0
         s.years[slot].admissions[0] = 0
         s.years[slot].admissions[1] = 0
-        s.years[slot].acc_year = bd // 10000
+        s.years[slot].acc_year = s.batch_year
     s.cards[slot].ins_balance_fen -= ins_fen
     s.cards[slot].fin_balance_fen -= fin_fen
     if aid_fen > 0:
@@ -937,7 +939,7 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
     return RC_00
 
 
-cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
+cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd, uint64_t rev_key_hint) noexcept nogil:
     """One message. The checks run in this order (docs/result-codes.md); the first that fails
     answers, and only the PIN counters move before the last check passes."""
     cdef uint8_t cmd = q.cmd
@@ -963,7 +965,10 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noex
         if inst < 0 or inst >= s.inst_count or s.term_inst[q.terminal_index] != inst:
             return RC_03
     # 5. amounts in range (13) before any arithmetic; the claim identity I1 and FP ≤ IS (13)
-    if (q.amount_fen < 0 or q.amount_fen > AMOUNT_FEN_MAX or q.fo_fen < 0 or q.fo_fen > AMOUNT_FEN_MAX
+    # One test for the usual case: if the OR of all seven is below 2^39 (< AMOUNT_FEN_MAX) none
+    # is negative or too large; otherwise the exact comparisons below decide.
+    if (<uint64_t>(q.amount_fen | q.fo_fen | q.ol_fen | q.ps_fen | q.is_fen | q.fp_fen | q.amount2_fen)
+            >= AMOUNT_FAST_BOUND) and (q.amount_fen < 0 or q.amount_fen > AMOUNT_FEN_MAX or q.fo_fen < 0 or q.fo_fen > AMOUNT_FEN_MAX
             or q.ol_fen < 0 or q.ol_fen > AMOUNT_FEN_MAX or q.ps_fen < 0 or q.ps_fen > AMOUNT_FEN_MAX
             or q.is_fen < 0 or q.is_fen > AMOUNT_FEN_MAX or q.fp_fen < 0 or q.fp_fen > AMOUNT_FEN_MAX
             or q.amount2_fen < 0 or q.amount2_fen > AMOUNT_FEN_MAX):
@@ -999,7 +1004,8 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd) noex
         # 8. a reversal came first for this key: the original is declined (25), no effect
         rev_bucket = NO_BUCKET
         if reversible(cmd):
-            rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+            # the prefetch pass computed it rows ago (0: it did not)
+            rev_key = rev_key_hint if rev_key_hint != 0 else make_rev_key(q.terminal_index, q.batch_no, q.stan)
             rev_bucket = <int64_t>bucket_of(s, s.rev_index, rev_key)
             pos = s.rev_index[rev_bucket].pos
             if pos >= 0 and s.txns[pos].state == TXN_TOMBSTONE:
@@ -1110,7 +1116,7 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
 cdef extern from *:
     # Not __builtin_prefetch: gcc's IPA pass finds the helpers below free of side effects (it
     # models prefetches as none) and deletes their calls before inlining them, so the binary had
-    # no prefetch at all (objdump showed it; tests/unit/test_build.py now checks). A volatile asm
+    # no prefetch at all (objdump showed it; tests/unit/test_engine_annotation.py checks). A volatile asm
     # is a side effect the optimiser keeps.
     """
     static inline void yk_prefetch(const void* p) {
@@ -1125,9 +1131,13 @@ cdef enum:
     PREFETCH_AHEAD = 64
 
 
-cdef inline void prefetch_indexes(const State* s, const Request* q) noexcept nogil:
+cdef enum:
+    REV_KEYS = 128                 # ring of reversal keys computed by the prefetch pass (> PREFETCH_AHEAD)
+
+
+cdef inline void prefetch_indexes(const State* s, const Request* q, uint64_t rev_key) noexcept nogil:
     prefetch(&s.idem_index[q.idem_key & s.txn_index_mask])
-    prefetch(&s.rev_index[make_rev_key(q.terminal_index, q.batch_no, q.stan) & s.txn_index_mask])
+    prefetch(&s.rev_index[rev_key & s.txn_index_mask])
     prefetch(&s.pan_index[q.pan_hash & s.pan_index_mask])
 
 
@@ -1148,6 +1158,55 @@ cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
             prefetch(&s.rev_index[t.rev_key & s.txn_index_mask])
 
 
+cdef inline const Request* request_at(const char* rows, Py_ssize_t stride, Py_ssize_t i) noexcept nogil:
+    return <const Request*>(rows + i * stride)
+
+
+cdef inline void prefetch_start(State* s, const char* rows, Py_ssize_t stride, Py_ssize_t count,
+                                uint64_t* rev_keys) noexcept nogil:
+    """Before the first row: the first PREFETCH_AHEAD rows' buckets (the loop prefetches the rest)."""
+    cdef Py_ssize_t j
+    cdef const Request* q
+    for j in range(min(<Py_ssize_t>PREFETCH_AHEAD, count)):
+        q = request_at(rows, stride, j)
+        rev_keys[j] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+        prefetch_indexes(s, q, rev_keys[j])
+
+
+cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py_ssize_t i,
+                               Py_ssize_t count, uint64_t* rev_keys) noexcept nogil:
+    """Row i+PREFETCH_AHEAD's index buckets (its reversal key computed here, once, and kept for
+    apply_one) and the ring entry it will evict; row i+PREFETCH_AHEAD/2's card."""
+    cdef const Request* q
+    cdef Py_ssize_t j = i + PREFETCH_AHEAD
+    if j < count:
+        q = request_at(rows, stride, j)
+        rev_keys[j & (REV_KEYS - 1)] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+        prefetch_indexes(s, q, rev_keys[j & (REV_KEYS - 1)])
+        prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
+    if i + PREFETCH_AHEAD // 2 < count:
+        prefetch_card(s, request_at(rows, stride, i + PREFETCH_AHEAD // 2))
+
+
+cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil:
+    s.batch_year = business_date // 10000
+    s.batch_yymm = (business_date // 100) % 10000
+
+
+cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t business_date,
+                               uint64_t rev_key) noexcept nogil:
+    """One row of a batch, as apply_rows and replay_rows both run it (so that a replay rebuilds
+    byte-identical state): free the ring entry, a zeroed Result, apply_one."""
+    txn_make_room(s)
+    memset(r, 0, sizeof(Result))
+    r.card_slot = -1
+    r.other_slot = -1
+    r.cmd = q.cmd
+    r.business_date = business_date
+    r.code = apply_one(s, q, r, business_date, rev_key)
+    return r.code
+
+
 cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
                     uint32_t business_date) noexcept nogil:
     """The hot loop: one row at a time, in order, no Python. Returns the number approved.
@@ -1158,24 +1217,15 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     """
     cdef Py_ssize_t i
     cdef int approved_count = 0
-    cdef Result* r
-    cdef const Request* q
+    cdef uint16_t code
+    cdef uint64_t rev_keys[REV_KEYS]
+    cdef const char* rows = <const char*>requests
+    set_batch_date(s, business_date)
+    prefetch_start(s, rows, sizeof(Request), count, rev_keys)
     for i in range(count):
-        if i + PREFETCH_AHEAD < count:
-            prefetch_indexes(s, &requests[i + PREFETCH_AHEAD])
-            prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
-        if i + PREFETCH_AHEAD // 2 < count:
-            prefetch_card(s, &requests[i + PREFETCH_AHEAD // 2])
-        q = &requests[i]
-        r = &results[i]
-        txn_make_room(s)
-        memset(r, 0, sizeof(Result))
-        r.card_slot = -1
-        r.other_slot = -1
-        r.cmd = q.cmd
-        r.business_date = business_date
-        r.code = apply_one(s, q, r, business_date)
-        if r.code == RC_00 or r.code == RC_10:
+        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys)
+        code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+        if code == RC_00 or code == RC_10:
             approved_count += 1
     return approved_count
 
@@ -1270,21 +1320,13 @@ cdef Py_ssize_t replay_rows(State* s, const char* rows, Py_ssize_t row_size_byte
     """
     cdef Py_ssize_t i
     cdef Result r
-    cdef const Request* q
+    cdef uint64_t rev_keys[REV_KEYS]
+    cdef const char* requests = rows + request_offset
+    set_batch_date(s, business_date)
+    prefetch_start(s, requests, row_size_bytes, count, rev_keys)
     for i in range(count):
-        if i + PREFETCH_AHEAD < count:
-            prefetch_indexes(s, <const Request*>(rows + (i + PREFETCH_AHEAD) * row_size_bytes + request_offset))
-            prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
-        if i + PREFETCH_AHEAD // 2 < count:
-            prefetch_card(s, <const Request*>(rows + (i + PREFETCH_AHEAD // 2) * row_size_bytes + request_offset))
-        q = <const Request*>(rows + i * row_size_bytes + request_offset)
-        txn_make_room(s)
-        memset(&r, 0, sizeof(Result))
-        r.card_slot = -1
-        r.other_slot = -1
-        r.cmd = q.cmd
-        r.business_date = business_date
-        r.code = apply_one(s, q, &r, business_date)
+        prefetch_step(s, requests, row_size_bytes, i, count, rev_keys)
+        apply_row(s, request_at(requests, row_size_bytes, i), &r, business_date, rev_keys[i & (REV_KEYS - 1)])
         if memcmp(&r, rows + i * row_size_bytes + result_offset, sizeof(Result)) != 0:
             return i
     return -1
