@@ -1122,13 +1122,21 @@ cdef extern from *:
     static inline void yk_prefetch(const void* p) {
         __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const char*)p));
     }
+    /* for a line about to be written: fetched exclusive, so the store does not wait for
+       ownership (a NOP on x86 cores without PREFETCHW) */
+    static inline void yk_prefetch_write(const void* p) {
+        __asm__ __volatile__("prefetchw %0" : : "m"(*(const char*)p));
+    }
     """
     void prefetch "yk_prefetch" (const void* address) noexcept nogil
+    void prefetch_write "yk_prefetch_write" (const void* address) noexcept nogil
 
 # How far ahead the loop prefetches: index buckets PREFETCH_AHEAD rows ahead, the card's columns
-# half as far (by then its index bucket is in cache, so the slot can be read cheaply).
+# CARD_AHEAD rows ahead (by then its index bucket is in cache, so the slot can be read cheaply),
+# the request rows twice PREFETCH_AHEAD ahead. Tuned with 100,000 cards (bench/README.md).
 cdef enum:
     PREFETCH_AHEAD = 64
+    CARD_AHEAD = 48
 
 
 cdef enum:
@@ -1147,11 +1155,15 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
         prefetch(&s.cards[slot])
         prefetch(&s.years[slot])
         prefetch(&s.payer_slot[slot])
+        prefetch(&s.pvv_social[slot])
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
-    # the ring entry that txn number `rrn` will overwrite, and the buckets of its keys
+    # the ring entry that txn number `rrn` will overwrite (all its lines: it is rewritten whole),
+    # and the buckets of its keys
     cdef const Txn* t = &s.txns[rrn & s.txn_mask]
+    prefetch_write(<const char*>t + 64)
+    prefetch_write(<const char*>t + sizeof(Txn) - 1)
     if t.rrn != 0:
         prefetch(&s.idem_index[t.idem_key & s.txn_index_mask])
         if t.rev_key != 0:
@@ -1179,13 +1191,21 @@ cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py
     apply_one) and the ring entry it will evict; row i+PREFETCH_AHEAD/2's card."""
     cdef const Request* q
     cdef Py_ssize_t j = i + PREFETCH_AHEAD
+    cdef const char* ahead
+    if j + PREFETCH_AHEAD < count:
+        # the request rows this step will read PREFETCH_AHEAD rows from now: a batch that is not
+        # in cache (a replay, a bulk load) streams in ahead of the loop instead of stalling it
+        ahead = rows + (j + PREFETCH_AHEAD) * stride
+        prefetch(ahead)
+        prefetch(ahead + 64)
+        prefetch(ahead + sizeof(Request) - 1)
     if j < count:
         q = request_at(rows, stride, j)
         rev_keys[j & (REV_KEYS - 1)] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
         prefetch_indexes(s, q, rev_keys[j & (REV_KEYS - 1)])
         prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
-    if i + PREFETCH_AHEAD // 2 < count:
-        prefetch_card(s, request_at(rows, stride, i + PREFETCH_AHEAD // 2))
+    if i + CARD_AHEAD < count:
+        prefetch_card(s, request_at(rows, stride, i + CARD_AHEAD))
 
 
 cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil:
@@ -1224,6 +1244,10 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     prefetch_start(s, rows, sizeof(Request), count, rev_keys)
     for i in range(count):
         prefetch_step(s, rows, sizeof(Request), i, count, rev_keys)
+        if i + PREFETCH_AHEAD < count:
+            # the result row written PREFETCH_AHEAD rows from now (two lines: 128 bytes)
+            prefetch_write(&results[i + PREFETCH_AHEAD])
+            prefetch_write(<const char*>&results[i + PREFETCH_AHEAD] + sizeof(Result) - 1)
         code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
         if code == RC_00 or code == RC_10:
             approved_count += 1
