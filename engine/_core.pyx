@@ -1162,12 +1162,20 @@ cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
     # the ring entry that txn number `rrn` will overwrite (all its lines: it is rewritten whole),
     # and the buckets of its keys
     cdef const Txn* t = &s.txns[rrn & s.txn_mask]
-    prefetch_write(<const char*>t + 64)
-    prefetch_write(<const char*>t + sizeof(Txn) - 1)
+    # (its lines were fetched PREFETCH_AHEAD rows earlier by prefetch_ring: this read hits)
     if t.rrn != 0:
         prefetch(&s.idem_index[t.idem_key & s.txn_index_mask])
         if t.rev_key != 0:
             prefetch(&s.rev_index[t.rev_key & s.txn_index_mask])
+
+
+cdef inline void prefetch_ring(const State* s, uint64_t rrn) noexcept nogil:
+    # the lines of the ring entry that txn number `rrn` will rewrite whole, fetched for writing;
+    # prefetch_eviction reads its keys PREFETCH_AHEAD rows later
+    cdef const char* t = <const char*>&s.txns[rrn & s.txn_mask]
+    prefetch_write(t)
+    prefetch_write(t + 64)
+    prefetch_write(t + sizeof(Txn) - 1)
 
 
 cdef inline const Request* request_at(const char* rows, Py_ssize_t stride, Py_ssize_t i) noexcept nogil:
@@ -1199,6 +1207,7 @@ cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py
         prefetch(ahead)
         prefetch(ahead + 64)
         prefetch(ahead + sizeof(Request) - 1)
+        prefetch_ring(s, s.counters[0] + 1 + 2 * PREFETCH_AHEAD)
     if j < count:
         q = request_at(rows, stride, j)
         rev_keys[j & (REV_KEYS - 1)] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
