@@ -63,7 +63,7 @@ class FileReport:
 # next one is applied (Node.submit / wait_durable pipelining); at most JOURNAL_BATCHES_IN_FLIGHT
 # are unacknowledged, so the writer's queue (and its memory) stays bounded.
 JOURNAL_BATCH_ROWS = 1 << 17                  # 40 MiB of 304-byte records
-JOURNAL_BATCHES_IN_FLIGHT = 6
+JOURNAL_BATCHES_IN_FLIGHT = 5             # six batches in flight fit the writer's 256 MiB ring
 
 # Line status from yikatong._cardfiles (the first rule a line breaks, checked in this order).
 ST_FIELDS = 1
