@@ -186,7 +186,8 @@ class Journal:
                 writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND, business_date, ticket, first, n, 0))
                 writer.write_all(self._fd_out, raw)
             else:
-                self._ring_bytes[at:at + raw.shape[0]] = raw
+                if raw.ctypes.data != self._ring_bytes.ctypes.data + at:   # not built in place (ring_records)
+                    self._ring_bytes[at:at + raw.shape[0]] = raw
                 self._ring_regions.append((ticket, at, at + raw.shape[0]))
                 writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND_RING, business_date, ticket, first, n, at))
         except OSError:
@@ -195,6 +196,17 @@ class Journal:
         self.last_seq = first + n - 1
         self.last_business_date = business_date
         return ticket
+
+    def ring_records(self, count: int) -> np.ndarray | None:
+        """Room for the next batch's `count` records in the writer's ring, where `submit` would
+        put them (or None: then build them anywhere). Records built there are not copied again;
+        valid until the next `submit`."""
+        if self._writer is None:
+            return None
+        at = self._ring_place(count * RECORD_DTYPE.itemsize)
+        if at is None:
+            return None
+        return self._ring_bytes[at:at + count * RECORD_DTYPE.itemsize].view(RECORD_DTYPE)
 
     def _ring_place(self, size_bytes: int) -> int | None:
         """Where in the ring `size_bytes` fit without touching an unacknowledged batch's region,
