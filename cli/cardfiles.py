@@ -240,9 +240,12 @@ def _parse_in_shares(parse, starts: np.ndarray, status: np.ndarray, row_line: np
     return good
 
 
-def _apply_journaled(node, requests: np.ndarray, business_date: int) -> np.ndarray:
+def _apply_journaled(node, requests: np.ndarray, business_date: int, wait: bool = True):
     """Apply and journal the requests in JOURNAL_BATCH_ROWS batches, pipelined with the writer
-    process; return (code, outcome_flags, card_slot) per request once every batch is durable."""
+    process; return (code, outcome_flags, card_slot) per request once every batch is durable.
+    `wait=False`: return (those, ticket) as soon as the last batch is applied; the caller may
+    prepare its answer while the last batches commit, and must `node.wait_durable(ticket)`
+    before anything of it leaves (ticket None: nothing was journaled)."""
     out = np.empty(requests.shape[0], dtype=[("code", "<u2"), ("outcome_flags", "u1"), ("card_slot", "<i4")])
     tickets = []
     for first in range(0, requests.shape[0], JOURNAL_BATCH_ROWS):
@@ -254,6 +257,8 @@ def _apply_journaled(node, requests: np.ndarray, business_date: int) -> np.ndarr
         tickets.append(ticket)
         if len(tickets) > JOURNAL_BATCHES_IN_FLIGHT:
             node.wait_durable(tickets[-1 - JOURNAL_BATCHES_IN_FLIGHT])
+    if not wait:
+        return out, (tickets[-1] if tickets else None)
     if tickets:
         node.wait_durable(tickets[-1])
     return out
@@ -436,8 +441,10 @@ def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: in
     report.count(f"failed: {NAME_MISMATCH}", int(name_bad.sum()))
     amounts = np.ascontiguousarray(q["amount_fen"])
     to_engine = np.flatnonzero(~name_bad)
+    ticket = None
     if to_engine.size:
-        results = _apply_journaled(node, q[to_engine] if name_bad.any() else q, business_date)
+        # the 回盘 is built while the last batches commit; it is returned once they are durable
+        results, ticket = _apply_journaled(node, q[to_engine] if name_bad.any() else q, business_date, wait=False)
         codes = results["code"]
         duplicate = (results["outcome_flags"] & ResFlag.DUPLICATE) != 0
         ok = codes == rc("00")
@@ -461,6 +468,8 @@ def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: in
     w.writerows((batch, line, "", "failed", reason) for _, batch, line, reason in bad)
     report.result_csv = head.getvalue().encode("utf-8") + _cardfiles.result_lines(
         text, starts, row_line, amounts, reason_index, [r.encode("utf-8") for r in reasons])
+    if ticket is not None:
+        node.wait_durable(ticket)                 # nothing of the answer leaves before this
     return report
 
 
