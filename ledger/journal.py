@@ -276,8 +276,11 @@ class Journal:
             self._writer.stdout.close()
             self._writer = None
             self._ring_regions.clear()
-            del self._ring_bytes               # the one view of the mapping: now it can close
-            self._ring.close()
+            del self._ring_bytes
+            try:
+                self._ring.close()
+            except BufferError:
+                pass                           # a caller still holds ring_records' view: unmapped with it
 
     def _check_batch(self, records: np.ndarray, business_date: int) -> tuple[int, int]:
         if getattr(self, "failed", None):

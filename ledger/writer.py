@@ -97,10 +97,11 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
     # send of batch N+1 does not wait for batch N's fsync (pipelining, DESIGN.md §5).
     inbox: queue.Queue = queue.Queue(maxsize=INBOX_BATCHES_MAX)
 
-    # The reader also computes the hash chain, in arrival order (the order of commits), hashing
-    # each piece as it comes off the pipe: the BLAKE2b of a batch (≈ 1.6 ms for 4,096 records)
-    # overlaps the node's writing of the rest of it and the previous commit's fsync instead of
-    # adding to this batch's commit. Each batch is read into one preallocated buffer (no join).
+    # The reader also computes the hash chain, in arrival order (the order of commits): a ring
+    # batch in one update (hashlib releases the GIL), a pipe batch piece by piece as it comes off
+    # the pipe. The BLAKE2b of a batch (≈ 1.6 ms for 4,096 records) overlaps the previous
+    # commit's fsync instead of adding to this batch's commit. A pipe batch is read into one
+    # preallocated buffer (no join).
     chain = [prev]
 
     def reader():

@@ -54,3 +54,15 @@ def test_ring_wraps_and_falls_back_to_the_pipe(tmp_path):
         prev = batch_hash(prev, records.tobytes())
         assert bytes(header["hash"]) == prev
     reader.close()
+
+
+def test_close_while_a_ring_view_is_held(tmp_path):
+    journal = Journal(str(tmp_path), create=True)
+    journal.start_writer()
+    view = journal.ring_records(3)
+    view[:] = batch(1, 3, np.random.default_rng(2))
+    journal.wait_durable(journal.submit(view, BD))
+    journal.close()                                          # no BufferError: the mapping goes with the view
+    reader = Journal(str(tmp_path), readonly=True)
+    assert reader.read().tobytes() == view.tobytes()
+    reader.close()
