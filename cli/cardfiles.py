@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +64,7 @@ class FileReport:
 # next one is applied (Node.submit / wait_durable pipelining); at most JOURNAL_BATCHES_IN_FLIGHT
 # are unacknowledged, so the writer's queue (and its memory) stays bounded.
 JOURNAL_BATCH_ROWS = 1 << 17                  # 40 MiB of 304-byte records
-JOURNAL_BATCHES_IN_FLIGHT = 6
+JOURNAL_BATCHES_IN_FLIGHT = 5             # six batches in flight fit the writer's 256 MiB ring
 
 # Line status from yikatong._cardfiles (the first rule a line breaks, checked in this order).
 ST_FIELDS = 1
@@ -188,9 +189,63 @@ def _first_duplicates(keys: np.ndarray) -> dict[int, int]:
     return out
 
 
-def _apply_journaled(node, requests: np.ndarray, business_date: int) -> np.ndarray:
+# The file pass runs on PARSE_THREADS threads over equal shares of the lines (the Cython pass
+# releases the GIL): it runs before the first batch reaches the writer process, so the second
+# core is otherwise idle then. Files below PARSE_LINES_MIN lines per thread are one share.
+PARSE_THREADS = 2
+PARSE_LINES_MIN = 65_536
+
+
+def _in_threads(calls: list) -> list:
+    """Run the calls (callables without arguments) at once, the first on this thread; their
+    results in order. An exception in any is raised here once all have finished."""
+    results, errors = [None] * len(calls), []
+
+    def run(k):
+        try:
+            results[k] = calls[k]()
+        except BaseException as e:  # noqa: BLE001 — re-raised below, on the caller's thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,), name="cardfiles-pass") for k in range(1, len(calls))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _parse_in_shares(parse, starts: np.ndarray, status: np.ndarray, row_line: np.ndarray, rows: list) -> int:
+    """`parse(starts, status, row_line, *rows)` over shares of the lines at once; the good rows
+    of every share compacted in file order into the head of `row_line` and of each array in
+    `rows` (per-row outputs; an empty one stays empty). Returns the number of good rows.
+    The usual file has no bad line: then the shares are already in place and nothing moves."""
+    lines = starts.shape[0] - 1
+    shares = max(1, min(PARSE_THREADS, lines // PARSE_LINES_MIN))
+    bounds = [lines * k // shares for k in range(shares + 1)]
+    part = lambda a, lo, hi: a[lo:hi] if a.shape[0] else a
+    goods = _in_threads([
+        (lambda lo=lo, hi=hi: parse(starts[lo:hi + 1], status[lo:hi], row_line[lo:hi],
+                                    *[part(a, lo, hi) for a in rows]))
+        for lo, hi in zip(bounds, bounds[1:])])
+    good = goods[0]
+    for lo, found in zip(bounds[1:], goods[1:]):
+        row_line[lo:lo + found] += lo                    # line indexes within the share → in the file
+        if good != lo:                                   # an earlier share had bad lines
+            for a in [row_line] + [a for a in rows if a.shape[0]]:
+                a[good:good + found] = a[lo:lo + found]  # (numpy copies overlapping ranges safely)
+        good += found
+    return good
+
+
+def _apply_journaled(node, requests: np.ndarray, business_date: int, wait: bool = True):
     """Apply and journal the requests in JOURNAL_BATCH_ROWS batches, pipelined with the writer
-    process; return (code, outcome_flags, card_slot) per request once every batch is durable."""
+    process; return (code, outcome_flags, card_slot) per request once every batch is durable.
+    `wait=False`: return (those, ticket) as soon as the last batch is applied; the caller may
+    prepare its answer while the last batches commit, and must `node.wait_durable(ticket)`
+    before anything of it leaves (ticket None: nothing was journaled)."""
     out = np.empty(requests.shape[0], dtype=[("code", "<u2"), ("outcome_flags", "u1"), ("card_slot", "<i4")])
     tickets = []
     for first in range(0, requests.shape[0], JOURNAL_BATCH_ROWS):
@@ -202,6 +257,8 @@ def _apply_journaled(node, requests: np.ndarray, business_date: int) -> np.ndarr
         tickets.append(ticket)
         if len(tickets) > JOURNAL_BATCHES_IN_FLIGHT:
             node.wait_durable(tickets[-1 - JOURNAL_BATCHES_IN_FLIGHT])
+    if not wait:
+        return out, (tickets[-1] if tickets else None)
     if tickets:
         node.wait_durable(tickets[-1])
     return out
@@ -214,10 +271,13 @@ def _issuance_rows(config, keys: CardKeys, text: bytes, starts: np.ndarray, name
     requests = np.empty(n, dtype=REQUEST_DTYPE)
     row_line = np.empty(n, dtype=np.int64)
     names = np.empty(n if name_key else 0, dtype=np.uint64)
-    good = _cardfiles.parse_issuance(
-        text, starts, np.array([r.code for r in config.regions], dtype=np.int64),
-        np.array([t.code for t in config.ins_types], dtype=np.int64), keys.pan_key, keys.person_key,
-        name_key, CardStatus.ACTIVE, CardFlag.FIN_ACTIVE, status, requests, row_line, names)
+    regions = np.array([r.code for r in config.regions], dtype=np.int64)
+    ins_types = np.array([t.code for t in config.ins_types], dtype=np.int64)
+    good = _parse_in_shares(
+        lambda starts_, status_, row_line_, requests_, names_: _cardfiles.parse_issuance(
+            text, starts_, regions, ins_types, keys.pan_key, keys.person_key, name_key, CardStatus.ACTIVE,
+            CardFlag.FIN_ACTIVE, status_, requests_, row_line_, names_),
+        starts, status, row_line, [requests, names])
     return status, requests[:good], row_line[:good], names[:good] if name_key else names
 
 
@@ -255,8 +315,8 @@ def import_issuance(node, keys: CardKeys, data: bytes, encoding: str, business_d
     report.count("refused: bad line", len(report.errors))
     if q.shape[0]:
         pan_hashes = np.ascontiguousarray(q["pan_hash"])
-        q["pin_pvv"] = keys.pvv_many(pan_hashes, initial_bank_pin)
-        q["pin_pvv_new"] = keys.pvv_many(pan_hashes, initial_social_pin)
+        q["pin_pvv"], q["pin_pvv_new"] = _in_threads([lambda: keys.pvv_many(pan_hashes, initial_bank_pin),
+                                                      lambda: keys.pvv_many(pan_hashes, initial_social_pin)])
         node.engine.reserve(node.engine.card_count + q.shape[0])
         codes = _apply_journaled(node, q, business_date)["code"]
         report.count("imported", int((codes == rc("00")).sum()))
@@ -342,9 +402,12 @@ def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: in
     row_line = np.empty(n, dtype=np.int64)
     by_person = np.empty(n, dtype=np.uint8)
     names = np.empty(n if holders else 0, dtype=np.uint64)
-    good = _cardfiles.parse_disbursement(text, starts, keys.pan_key, keys.person_key, FILE_KEY,
-                                         holders.name_key if holders else None, status, q, row_line,
-                                         by_person, names)
+    name_key = holders.name_key if holders else None
+    good = _parse_in_shares(
+        lambda starts_, status_, row_line_, q_, by_person_, names_: _cardfiles.parse_disbursement(
+            text, starts_, keys.pan_key, keys.person_key, FILE_KEY, name_key, status_, q_, row_line_,
+            by_person_, names_),
+        starts, status, row_line, [q, by_person, names])
     q, row_line, by_person = q[:good], row_line[:good], by_person[:good].view(bool)
     bad = []                                                   # (line number, batch, line, reason)
     for i in np.flatnonzero(status).tolist():
@@ -378,8 +441,10 @@ def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: in
     report.count(f"failed: {NAME_MISMATCH}", int(name_bad.sum()))
     amounts = np.ascontiguousarray(q["amount_fen"])
     to_engine = np.flatnonzero(~name_bad)
+    ticket = None
     if to_engine.size:
-        results = _apply_journaled(node, q[to_engine] if name_bad.any() else q, business_date)
+        # the 回盘 is built while the last batches commit; it is returned once they are durable
+        results, ticket = _apply_journaled(node, q[to_engine] if name_bad.any() else q, business_date, wait=False)
         codes = results["code"]
         duplicate = (results["outcome_flags"] & ResFlag.DUPLICATE) != 0
         ok = codes == rc("00")
@@ -403,6 +468,8 @@ def disburse(node, keys: CardKeys, data: bytes, encoding: str, business_date: in
     w.writerows((batch, line, "", "failed", reason) for _, batch, line, reason in bad)
     report.result_csv = head.getvalue().encode("utf-8") + _cardfiles.result_lines(
         text, starts, row_line, amounts, reason_index, [r.encode("utf-8") for r in reasons])
+    if ticket is not None:
+        node.wait_durable(ticket)                 # nothing of the answer leaves before this
     return report
 
 

@@ -7,8 +7,10 @@ Layout in the environment (DESIGN.md §4):
   headers  key = big-endian u64 batch number → HEADER_DTYPE
   meta     b"layout_version" → u32; b"created_by" → text
 """
+import collections
 import fcntl
 import hashlib
+import mmap
 import os
 import struct
 import subprocess
@@ -75,6 +77,7 @@ class Journal:
     >>> j = Journal("/tmp/node", create=True)      # doctest: +SKIP
     >>> header = j.append(records, business_date=20261124)   # durable when it returns
     """
+    ring_size_bytes = writer.RING_SIZE_BYTES   # the writer's shared ring (set before start_writer to change)
 
     def __init__(self, data_dir: str, *, create: bool = False, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
                  readonly: bool = False):
@@ -143,11 +146,20 @@ class Journal:
         `submit` + `wait_durable` pipeline batches; `append` is both in one call."""
         if self._writer is not None:
             return
-        self._writer = subprocess.Popen(
-            [sys.executable, "-m", "yikatong.ledger.writer", self._journal_path, str(self.map_size_bytes),
-             str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-            pass_fds=(self._lock_file.fileno(),))   # the writer holds the node lock until it exits
+        # The shared ring the records go through (writer.py: the pipe carries only messages).
+        ring_fd = os.memfd_create("yikatong-journal-ring", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(ring_fd, self.ring_size_bytes)
+            self._ring = mmap.mmap(ring_fd, self.ring_size_bytes)
+            self._writer = subprocess.Popen(
+                [sys.executable, "-m", "yikatong.ledger.writer", self._journal_path, str(self.map_size_bytes),
+                 str(os.getpid()), str(ring_fd), str(self.ring_size_bytes)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                pass_fds=(self._lock_file.fileno(), ring_fd))   # the writer holds the node lock until it exits
+        finally:
+            os.close(ring_fd)                  # both processes keep the ring through their mappings
+        self._ring_bytes = np.frombuffer(self._ring, np.uint8)
+        self._ring_regions = collections.deque()   # (ticket, start, end) of unacknowledged batches
         self._fd_out, self._fd_in = self._writer.stdin.fileno(), self._writer.stdout.fileno()
         try:
             fcntl.fcntl(self._fd_out, 1031, writer.PIPE_SIZE_BYTES)   # F_SETPIPE_SZ
@@ -167,15 +179,51 @@ class Journal:
             self.start_writer()
         first, n = self._check_batch(records, business_date)
         ticket = self.last_batch_no + 1
+        raw = np.ascontiguousarray(records).view(np.uint8)
+        at = self._ring_place(raw.shape[0])
         try:
-            writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND, business_date, ticket, first, n))
-            writer.write_all(self._fd_out, np.ascontiguousarray(records).view(np.uint8))
+            if at is None:                     # no room in the ring: through the pipe
+                writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND, business_date, ticket, first, n, 0))
+                writer.write_all(self._fd_out, raw)
+            else:
+                if raw.ctypes.data != self._ring_bytes.ctypes.data + at:   # not built in place (ring_records)
+                    self._ring_bytes[at:at + raw.shape[0]] = raw
+                self._ring_regions.append((ticket, at, at + raw.shape[0]))
+                writer.write_all(self._fd_out, writer.MSG.pack(writer.KIND_APPEND_RING, business_date, ticket, first, n, at))
         except OSError:
             self._writer_gone(ticket)
         self.last_batch_no = ticket
         self.last_seq = first + n - 1
         self.last_business_date = business_date
         return ticket
+
+    def ring_records(self, count: int) -> np.ndarray | None:
+        """Room for the next batch's `count` records in the writer's ring, where `submit` would
+        put them (or None: then build them anywhere). Records built there are not copied again;
+        valid until the next `submit`."""
+        if self._writer is None:
+            return None
+        at = self._ring_place(count * RECORD_DTYPE.itemsize)
+        if at is None:
+            return None
+        return self._ring_bytes[at:at + count * RECORD_DTYPE.itemsize].view(RECORD_DTYPE)
+
+    def _ring_place(self, size_bytes: int) -> int | None:
+        """Where in the ring `size_bytes` fit without touching an unacknowledged batch's region,
+        or None (the caller sends through the pipe: never a wait here, so whoever reads the acks,
+        the server's event loop included, keeps its own pace)."""
+        regions = self._ring_regions
+        while regions and regions[0][0] <= self.acked_batch_no:
+            regions.popleft()                  # acknowledged: the writer is done with it
+        size = self._ring_bytes.shape[0]
+        if not regions:
+            return 0 if size_bytes <= size else None
+        tail, head = regions[0][1], regions[-1][2]    # live bytes from tail to head, in order
+        if head > tail:
+            if size - head >= size_bytes:
+                return head
+            return 0 if tail >= size_bytes else None
+        return head if tail - head >= size_bytes else None
 
     def wait_durable(self, ticket: int) -> None:
         """Block until batch `ticket` (and every earlier one) is committed."""
@@ -227,6 +275,12 @@ class Journal:
                 self._writer.wait()
             self._writer.stdout.close()
             self._writer = None
+            self._ring_regions.clear()
+            del self._ring_bytes
+            try:
+                self._ring.close()
+            except BufferError:
+                pass                           # a caller still holds ring_records' view: unmapped with it
 
     def _check_batch(self, records: np.ndarray, business_date: int) -> tuple[int, int]:
         if getattr(self, "failed", None):

@@ -261,7 +261,9 @@ class Node:
                               f"(after a cutover, 日切, the old date is closed)")
         self.business_date = business_date
         results = self.engine.apply_batch(requests, business_date=business_date)
-        records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date)
+        # built where the writer process reads them (its shared ring), when there is room
+        records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date,
+                                     out=self.journal.ring_records(requests.shape[0]))
         try:
             return self.journal.submit(records, business_date), results
         except Exception as e:

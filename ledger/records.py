@@ -11,6 +11,8 @@ import numpy as np
 
 from yikatong.engine import REQUEST_DTYPE, RESULT_DTYPE, ReqFlag
 
+from . import _records
+
 RECORD_LAYOUT_VERSION = 1
 
 # record_kind: what produced the row
@@ -25,7 +27,7 @@ RECORD_DTYPE = np.dtype([
     ("request", REQUEST_DTYPE),
     ("result", RESULT_DTYPE),
 ])
-assert RECORD_DTYPE.itemsize == 304, RECORD_DTYPE.itemsize
+assert RECORD_DTYPE.itemsize == 304 == _records.record_size_bytes(), RECORD_DTYPE.itemsize
 
 
 # The same 304 bytes seen as three opaque parts: copying a request or a result into a record is
@@ -40,9 +42,23 @@ assert _RECORD_HEAD.itemsize == 16 and RECORD_DTYPE.fields["request"][1] == 16 a
 
 def records_from_batch(requests: np.ndarray, results: np.ndarray, first_seq: int,
                        business_date: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Journal records for one applied batch (vectorised; the caller owns `out` if given)."""
+    """Journal records for one applied batch, in one `nogil` pass (ledger/_records.pyx): head,
+    request and result copied in, the request sanitised as `sanitize_requests` does. The caller
+    owns `out` if given (at least as many rows; it may be the writer's shared ring)."""
     n = requests.shape[0]
     records = out[:n] if out is not None else np.empty(n, dtype=RECORD_DTYPE)
+    assert records.dtype == RECORD_DTYPE and results.shape[0] >= n
+    _records.build_records(np.ascontiguousarray(requests), np.ascontiguousarray(results[:n]), first_seq,
+                           business_date, RECORD_LAYOUT_VERSION, KIND_COMMAND, records)
+    return records
+
+
+def records_from_batch_numpy(requests: np.ndarray, results: np.ndarray, first_seq: int,
+                             business_date: int) -> np.ndarray:
+    """The same records with numpy only: the reference the C pass is tested against
+    (tests/unit/test_ledger_records.py). One fixed-size copy per part, then the sanitising."""
+    n = requests.shape[0]
+    records = np.empty(n, dtype=RECORD_DTYPE)
     head = np.empty(n, dtype=_RECORD_HEAD)           # built contiguous, then copied in one go
     head["seq"] = np.arange(first_seq, first_seq + n, dtype=np.uint64)
     head["layout_version"] = RECORD_LAYOUT_VERSION

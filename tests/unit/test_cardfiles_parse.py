@@ -127,3 +127,47 @@ def test_disbursement_request_rows_and_result_csv():
                                     ("B1", "0002", "7", "failed", "same (batch, line) with other content"),
                                     ('B"2', "4", "1", "success", "")])
     assert out == expected.getvalue().encode()
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_parse_in_shares_is_the_one_pass(monkeypatch, threads):
+    """The file pass on several threads (cardfiles._parse_in_shares) gives exactly the rows, line
+    indexes, statuses and name hashes of one pass, bad lines in any share included."""
+    from yikatong import cardfiles
+    good_issue = f"{CID},张三,110000,310,in_service,6214830000000017,3012,30000,100000"
+    bad_issue = [f"{CID},x,440000,310,in_service,6214830000000017,3012,0,0", "a,b",
+                 f"{CID},x,110000,310,in_service,6214830000000018,3012,0,0"]
+    lines = [good_issue.replace("3012", f"{3001 + k % 12:04d}") if k % 7 else bad_issue[k % 3] for k in range(40)]
+    data = ("\n".join(lines) + "\n").encode()
+    starts = _cardfiles.line_starts(data, 0)
+    n = starts.size - 1
+    regions, types = np.array([110000, 310000]), np.array([310, 390])
+
+    def issuance_parse(starts_, status_, row_line_, q_, names_):
+        return _cardfiles.parse_issuance(data, starts_, regions, types, KEYS.pan_key, KEYS.person_key, b"k" * 16,
+                                         CardStatus.ACTIVE, CardFlag.FIN_ACTIVE, status_, q_, row_line_, names_)
+
+    def run(parse, rows):
+        status, row_line = np.zeros(n, np.uint8), np.zeros(n, np.int64)
+        good = cardfiles._parse_in_shares(parse, starts, status, row_line, rows)
+        return good, status.tolist(), row_line[:good].tolist(), [r[:good].tobytes() for r in rows]
+
+    monkeypatch.setattr(cardfiles, "PARSE_THREADS", 1)
+    one = run(issuance_parse, [np.zeros(n, REQUEST_DTYPE), np.zeros(n, np.uint64)])
+    monkeypatch.setattr(cardfiles, "PARSE_THREADS", threads)
+    monkeypatch.setattr(cardfiles, "PARSE_LINES_MIN", 4)
+    assert run(issuance_parse, [np.zeros(n, REQUEST_DTYPE), np.zeros(n, np.uint64)]) == one
+    assert one[0] == 34 and one[1].count(0) == 34
+
+    text = "".join(f"B1,{k},6214830000000017,张三,{k},{'pension' if k % 5 else 'bonus'}\n" for k in range(1, 41))
+    data = text.encode()
+    starts = _cardfiles.line_starts(data, 0)                 # (40 lines again: n is unchanged)
+
+    def disburse_parse(starts_, status_, row_line_, q_, by_person_, names_):
+        return _cardfiles.parse_disbursement(data, starts_, KEYS.pan_key, KEYS.person_key, FILE_KEY, None,
+                                             status_, q_, row_line_, by_person_, names_)
+    monkeypatch.setattr(cardfiles, "PARSE_THREADS", 1)
+    one = run(disburse_parse, [np.zeros(n, REQUEST_DTYPE), np.zeros(n, np.uint8), np.zeros(0, np.uint64)])
+    monkeypatch.setattr(cardfiles, "PARSE_THREADS", threads)
+    assert run(disburse_parse, [np.zeros(n, REQUEST_DTYPE), np.zeros(n, np.uint8), np.zeros(0, np.uint64)]) == one
+    assert one[0] == 32
