@@ -91,6 +91,34 @@ def test_apply_medical_settlements(benchmark):
           f"reference {ref_rate:,.0f}/s; ratio {engine_rate / ref_rate:,.0f}×; checksum {checksum(results)}")
 
 
+def test_apply_steady_state(benchmark):
+    """The same settlements once the transaction table is full: every message also evicts the
+    oldest entry (its two index keys deleted), as on a node that has run for a while. The table
+    is filled first by settlements of other keys (untimed; first_stan past the timed ones)."""
+    cards = size(10_000, 100_000)
+    count = size(100_000, 1_000_000)
+    retention = size(1 << 14, 1 << 18)
+    template = build_engine(cards, retention=retention)
+    pan_hashes = generated_pan_hashes(KEYS, cards)
+    template.apply_batch(medical_settlements(template, pan_hashes, retention, seed=SEED + 2,
+                                             first_stan=count + 1), business_date=BD)
+    requests = medical_settlements(template, pan_hashes, count, seed=SEED)
+    results = np.ones(count, dtype=RESULT_DTYPE)
+
+    def fresh_engine():
+        arrays = {name: a.copy() for name, a in template.arrays.items()}
+        return (Engine(template.config, arrays=arrays),), {}
+
+    durations = []
+    benchmark.pedantic(timed(lambda engine: engine.apply_batch(requests, results, business_date=BD), durations),
+                       setup=fresh_engine, rounds=size(3, 5), iterations=1)
+    rate = count / min(durations)
+    benchmark.extra_info.update({"cards": cards, "settlements": count, "txn_retention": retention,
+                                 "settlements_per_s": round(rate), "checksum": checksum(results)})
+    print(f"\nsteady state (table of {retention} full, each message evicts one): {rate / 1e6:.2f} M "
+          f"settlements/s with {cards} cards; checksum {checksum(results)}")
+
+
 def test_memory_per_card_and_apply_at_scale(benchmark):
     """Bytes per card of all card columns and indexes, with millions of generated cards, and the
     settlement rate at that size (cards no longer fit in cache)."""
