@@ -28,6 +28,7 @@ ALLOCATION_COLUMNS = ("citizen_id", "period", "source", "person_type", "contribu
                       "employee_contribution_fen")
 REASONS = {"14": "unknown person or card (查无此人)", "41": "card lost (挂失)", "43": "card reported stolen",
            "62": "card cancelled or not activated (注销/未激活)", "57": "not permitted to this card",
+           "65": "payer covers the maximum number of beneficiaries (家庭共济)",
            "94": "already present", "12": "invalid", "96": "card table full"}
 FILE_KEY = b"yikatong-filekey"        # SipHash key of the 代发 duplicate keys (not a secret)
 

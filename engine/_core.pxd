@@ -65,6 +65,7 @@ cdef enum:
     RC_61 = 0x3136
     RC_62 = 0x3236
     RC_64 = 0x3436
+    RC_65 = 0x3536           # a count limit reached (家庭共济: beneficiaries per payer)
     RC_75 = 0x3537
     RC_77 = 0x3737
     RC_94 = 0x3439
@@ -262,7 +263,7 @@ ctypedef struct CardHot:
     uint8_t person_type
     uint8_t tries_social
     uint8_t tries_bank
-    uint8_t reserved0
+    uint8_t aid_beneficiaries      # 家庭共济: cards bound to this one as their payer (kept on the live card)
 
 # The card's year counters and expiry, 8 bytes. Column `years`.
 ctypedef struct CardYear:
@@ -320,6 +321,7 @@ ctypedef struct State:
     int64_t* limits_fen            # per command: max amount (0 = no limit)
     uint8_t pin_tries_social_max
     uint8_t pin_tries_bank_max
+    uint8_t aid_beneficiaries_max  # 家庭共济: beneficiaries one payer may cover (0 = no limit)
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     # splitmix64 finaliser. Index keys are keyed hashes already (SipHash of the PAN, of the

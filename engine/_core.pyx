@@ -758,11 +758,21 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
     return RC_00
 
 
+cdef inline void family_unbind(State* s, int32_t slot) noexcept nogil:
+    """The card pays no longer through its payer: one beneficiary fewer on the payer's live card
+    (the count moves with the payer's card on a replacement, move_card)."""
+    cdef int32_t bound = live_slot(s, s.payer_slot[slot])
+    if bound >= 0 and s.cards[bound].aid_beneficiaries > 0:
+        s.cards[bound].aid_beneficiaries -= 1
+    s.payer_slot[slot] = -1
+
+
 cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
     """家庭共济: bind (or unbind) the payer whose insurance account pays after the card's own."""
     cdef int32_t payer
+    cdef int32_t bound = live_slot(s, s.payer_slot[slot])     # the payer now, -1 none
     if q.cmd == CMD_FAMILY_UNBIND:
-        s.payer_slot[slot] = -1
+        family_unbind(s, slot)
         r.outcome_flags |= RES_POSTED
         return RC_00
     payer = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash)
@@ -772,6 +782,11 @@ cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, ui
         return RC_12                     # same region only; never oneself
     if not card_usable(s, payer, bd):
         return RC_57
+    if payer != bound:
+        if s.aid_beneficiaries_max > 0 and s.cards[payer].aid_beneficiaries >= s.aid_beneficiaries_max:
+            return RC_65                 # this payer covers as many beneficiaries as allowed
+        family_unbind(s, slot)
+        s.cards[payer].aid_beneficiaries += 1
     s.payer_slot[slot] = payer
     r.other_slot = payer
     r.outcome_flags |= RES_POSTED
@@ -820,6 +835,8 @@ cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     s.cards[new].ins_type_index = s.cards[old].ins_type_index
     s.cards[new].person_type = s.cards[old].person_type
     s.cards[new].card_flags = s.cards[old].card_flags & ~(CF_STOLEN | CF_SOCIAL_PIN)
+    s.cards[new].aid_beneficiaries = s.cards[old].aid_beneficiaries   # its beneficiaries follow live_slot
+    s.cards[old].aid_beneficiaries = 0
     s.years[new].expiry_yymm = s.years[old].expiry_yymm
     s.payer_slot[new] = s.payer_slot[old]
     s.cards[new].status = CARD_ACTIVE
@@ -896,6 +913,7 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
             s.cards[slot].fin_balance_fen = 0
             r.other_slot = other
             r.other_balance_fen = s.cards[other].fin_balance_fen
+        family_unbind(s, slot)               # a cancelled card is nobody's beneficiary any more
         s.cards[slot].status = CARD_CANCELLED
         s.cards[slot].card_flags &= ~CF_FIN_ACTIVE
         card_index_delete(s.person_index, s.person_index_mask, s.person_hash, 1, s.person_hash[slot])
@@ -1417,6 +1435,7 @@ cdef class Core:
         self.s.limits_fen = <int64_t*>_ptr(a["limits_fen"])
         self.s.pin_tries_social_max = <uint8_t>a["meta"][3]
         self.s.pin_tries_bank_max = <uint8_t>a["meta"][4]
+        self.s.aid_beneficiaries_max = <uint8_t>a["meta"][5]
 
     def apply(self, cnp.ndarray requests, cnp.ndarray results, uint32_t business_date):
         """Apply `requests` in order, writing `results`; returns the number approved.

@@ -2,7 +2,7 @@
 limits. msgspec Structs, so a TOML file or a JSON document decodes straight into them with
 errors that name the path and never echo a value.
 """
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import msgspec
 
@@ -62,6 +62,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     transfer_fen_max: int = 0
     deposit_fen_max: int = 0
     family_aid_per_settlement_fen_max: int = 0   # 家庭共济: a payer's account pays at most this per settlement; 0 = no cap
+    family_aid_beneficiaries_per_payer_max: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0   # 家庭共济: cards one payer may cover (0..255; 0 = no limit; 65 above it)
     pin_tries_social_max: int = 6
     pin_tries_bank_max: int = 3
 

@@ -55,7 +55,7 @@ CARD_HOT_DTYPE = np.dtype([
     ("pan_hash", "<u8"), ("ins_balance_fen", "<i8"), ("fin_balance_fen", "<i8"),
     ("ded_used_fen", "<i8", (2,)), ("fund_paid_fen", "<i8", (2,)),
     ("status", "u1"), ("card_flags", "u1"), ("region_index", "u1"), ("ins_type_index", "u1"),
-    ("person_type", "u1"), ("tries_social", "u1"), ("tries_bank", "u1"), ("reserved0", "u1"),
+    ("person_type", "u1"), ("tries_social", "u1"), ("tries_bank", "u1"), ("aid_beneficiaries", "u1"),
 ])
 CARD_YEAR_DTYPE = np.dtype([("admissions", "<u2", (2,)), ("acc_year", "<u2"), ("expiry_yymm", "<u2")])
 

@@ -43,6 +43,7 @@ class Card:
     fund_paid: list = field(default_factory=lambda: [0, 0])
     admissions: list = field(default_factory=lambda: [0, 0])
     temp_loss_until: int = 0
+    aid_beneficiaries: int = 0   # 家庭共济: cards bound to this one as their payer (on the live card)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Reference:
         self.tries_social_max = config.limits.pin_tries_social_max
         self.tries_bank_max = config.limits.pin_tries_bank_max
         self.family_aid_max = config.limits.family_aid_per_settlement_fen_max
+        self.aid_beneficiaries_max = config.limits.family_aid_beneficiaries_per_payer_max
         self.limits = {Cmd.PURCHASE: config.limits.purchase_fen_max,
                        Cmd.WITHDRAW: config.limits.withdrawal_fen_max,
                        Cmd.TRANSFER: config.limits.transfer_fen_max,
@@ -576,10 +578,17 @@ class Reference:
         res["ins_balance_fen"], res["fin_balance_fen"] = q["amount_fen"], q["amount2_fen"]
         return rc("00")
 
+    def unbind(self, card: Card) -> None:
+        """The card's payer covers one beneficiary fewer (counted on the payer's live card)."""
+        bound = self.live(card.payer)
+        if bound >= 0 and self.cards[bound].aid_beneficiaries > 0:
+            self.cards[bound].aid_beneficiaries -= 1
+        card.payer = -1
+
     def family(self, q, res, slot, bd) -> int:
         card = self.cards[slot]
         if q["cmd"] == Cmd.FAMILY_UNBIND:
-            card.payer = -1
+            self.unbind(card)
             res["outcome_flags"] |= ResFlag.POSTED
             return rc("00")
         payer = self.by_pan.get(q["pan2_hash"], -1)
@@ -589,6 +598,11 @@ class Reference:
             return rc("12")
         if self.card_gate(self.cards[payer], False, bd):
             return rc("57")
+        if payer != self.live(card.payer):
+            if self.aid_beneficiaries_max and self.cards[payer].aid_beneficiaries >= self.aid_beneficiaries_max:
+                return rc("65")
+            self.unbind(card)
+            self.cards[payer].aid_beneficiaries += 1
         card.payer = payer
         res["other_slot"] = payer
         res["outcome_flags"] |= ResFlag.POSTED
@@ -641,7 +655,8 @@ class Reference:
                        card.retired, CardStatus.ACTIVE, card.flags & ~(CardFlag.STOLEN | CardFlag.SOCIAL_PIN),
                        q["pin_pvv"], q["pin_pvv_new"], card.expiry_yymm, payer=card.payer,
                        acc_year=card.acc_year, ded_used=list(card.ded_used), fund_paid=list(card.fund_paid),
-                       admissions=list(card.admissions))
+                       admissions=list(card.admissions), aid_beneficiaries=card.aid_beneficiaries)
+            card.aid_beneficiaries = 0
             other = len(self.cards)
             self.cards.append(new)
             self.by_pan[new.pan_hash] = other
@@ -667,6 +682,7 @@ class Reference:
                 card.ins = card.fin = 0
                 res["other_slot"] = other
                 res["other_balance_fen"] = target.fin
+            self.unbind(card)
             card.status = CardStatus.CANCELLED
             card.flags &= ~CardFlag.FIN_ACTIVE
             self.live_by_person.pop(card.person_hash, None)

@@ -16,7 +16,7 @@ LEVELS = 4                           # hospital level 0..3
 PERSON_TYPES = {"in_service": (0,), "retired": (1,), "any": (0, 1)}
 KINDS = {"hospital": InstKind.HOSPITAL, "pharmacy": InstKind.PHARMACY, "bank": InstKind.BANK,
          "merchant": InstKind.MERCHANT}
-META_TXN_COUNT, META_WARNINGS, META_CARD_COUNT, META_TRIES_SOCIAL, META_TRIES_BANK = range(5)
+META_TXN_COUNT, META_WARNINGS, META_CARD_COUNT, META_TRIES_SOCIAL, META_TRIES_BANK, META_AID_BENEFICIARIES = range(6)
 META_SIZE = 16
 
 # (name, dtype) of every per-card column. `cards` holds what a settlement touches in one 64-byte
@@ -168,6 +168,7 @@ def new_state(config: NodeConfig, card_capacity: int, txn_retention_count: int) 
     meta = np.zeros(META_SIZE, dtype=np.uint64)
     meta[META_TRIES_SOCIAL] = config.limits.pin_tries_social_max
     meta[META_TRIES_BANK] = config.limits.pin_tries_bank_max
+    meta[META_AID_BENEFICIARIES] = config.limits.family_aid_beneficiaries_per_payer_max
     arrays["meta"] = meta
     return arrays
 

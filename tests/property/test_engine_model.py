@@ -126,13 +126,13 @@ def card_state_engine(engine, slot):
     return (int(c["ins_balance_fen"]), int(c["fin_balance_fen"]), [int(x) for x in c["ded_used_fen"]],
             [int(x) for x in c["fund_paid_fen"]], [int(x) for x in y["admissions"]], int(y["acc_year"]),
             int(c["tries_social"]), int(c["tries_bank"]), int(engine.arrays["payer_slot"][slot]),
-            int(c["status"]))
+            int(c["status"]), int(c["aid_beneficiaries"]))
 
 
 def card_state_reference(ref, slot):
     c = ref.cards[slot]
     return (c.ins, c.fin, c.ded_used, c.fund_paid, c.admissions, c.acc_year, c.tries_social,
-            c.tries_bank, c.payer, c.status)
+            c.tries_bank, c.payer, c.status, c.aid_beneficiaries)
 
 
 def check_invariants(engine, requests, results, before_total_fen):
@@ -172,12 +172,13 @@ def total_fen(engine):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=10, max_size=150), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
        date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8),
-       aid_cap_fen=st.sampled_from([0, 0, 1, 2500, 10**6]))
-def test_engine_matches_reference(ops, cuts, date_picks, aid_cap_fen):
+       aid_cap_fen=st.sampled_from([0, 0, 1, 2500, 10**6]), beneficiaries_max=st.sampled_from([0, 1, 2]))
+def test_engine_matches_reference(ops, cuts, date_picks, aid_cap_fen, beneficiaries_max):
     import msgspec
     config = demo_config()
     config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
-        config.limits, family_aid_per_settlement_fen_max=aid_cap_fen))
+        config.limits, family_aid_per_settlement_fen_max=aid_cap_fen,
+        family_aid_beneficiaries_per_payer_max=beneficiaries_max))
     engine = Engine(config, card_capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS, txn_retention_count=4096)
     ref = Reference(config, capacity=len(NAMED_CARDS) + GENERATED + SPARE_SLOTS)
     pans = list(PANS)

@@ -141,3 +141,50 @@ def test_credits_by_person(demo):
     q = request(engine, keys, Cmd.CREDIT_FIN, amount_fen=7000)
     q["person_hash"] = keys.person_hash("110108198505050053")          # formally lost card
     assert rc_str(engine.apply_batch(q, business_date=BD)[0]["code"]) == "41"
+
+
+def test_family_aid_beneficiaries_per_payer_limit():
+    """家庭共济: limits.family_aid_beneficiaries_per_payer_max caps how many cards one payer covers
+    (65 above it). The count follows bind, re-bind to another payer, unbind, 注销 of a beneficiary
+    and 补换卡 of the payer (the replacement card keeps its beneficiaries and their count)."""
+    import msgspec
+    from yikatong.engine.demo import demo_config, demo_engine
+    config = demo_config()
+    config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
+        config.limits, family_aid_beneficiaries_per_payer_max=2))
+    engine, keys = demo_engine(generated_cards=20, business_date=BD, config=config)
+    payer, other_payer = pan_of(0), pan_of(2)                  # generated cards, even k: same region
+    b1, b2, b3 = pan_of(4), pan_of(6), pan_of(8)
+
+    def bind(pan, to):
+        return rc_str(engine.apply_batch(request(engine, keys, Cmd.FAMILY_BIND, pan=pan, pan2=to),
+                                         business_date=BD)[0]["code"])
+
+    def unbind(pan):
+        return rc_str(engine.apply_batch(request(engine, keys, Cmd.FAMILY_UNBIND, pan=pan),
+                                         business_date=BD)[0]["code"])
+
+    def count(pan):
+        return int(engine.column("aid_beneficiaries")[engine.slot_of(keys.pan_hash(pan))])
+
+    assert (bind(b1, payer), bind(b2, payer), bind(b3, payer)) == ("00", "00", "65")
+    assert count(payer) == 2
+    assert bind(b1, payer) == "00" and count(payer) == 2          # the same binding again: not counted twice
+    assert bind(b1, other_payer) == "00" and (count(payer), count(other_payer)) == (1, 1)
+    assert bind(b3, payer) == "00" and count(payer) == 2
+    assert unbind(b2) == "00" and count(payer) == 1
+    assert bind(b2, payer) == "00" and count(payer) == 2
+    # 注销 of a beneficiary frees its place (its balance goes to another card)
+    assert rc_str(engine.apply_batch(request(engine, keys, Cmd.CANCEL_CARD, pan=b2, pan2="6214830000000017"),
+                                     business_date=BD)[0]["code"]) == "00"
+    assert count(payer) == 1
+    # 补换卡 of the payer: the new card keeps the count; the old one has none
+    engine.reserve(engine.card_count + 1)
+    new = pan_of(900_002)
+    r = engine.apply_batch(request(engine, keys, Cmd.REPLACE, pan=payer, pan2=new,
+                                   pin_pvv=keys.pvv(keys.pan_hash(new), "888888")), business_date=BD)[0]
+    assert rc_str(r["code"]) == "00"
+    assert (count(payer), count(new)) == (0, 1)
+    assert bind(b1, new) == "00" and count(new) == 2
+    assert bind(pan_of(10), new) == "65"
+    assert unbind(b3) == "00" and count(new) == 1                 # b3 was bound to the old card: counted on the new
