@@ -183,6 +183,11 @@ class Journal:
             self._read_ack(self.acked_batch_no + 1)
 
     def _read_ack(self, expected: int) -> None:
+        if getattr(self, "failed", None):
+            # fail-stop: after a failed commit, or a broken chain found by the node's background
+            # check, no batch is acknowledged any more, even one the writer has committed
+            raise LedgerError(f"the journal stopped ({self.failed}); nothing more is acknowledged: "
+                              f"restart the node")
         if self._ready_pending:
             # this read is the handshake; callers loop (wait_durable) or are called again when
             # the pipe is readable (the server's add_reader), so the next ack is not awaited here

@@ -363,6 +363,11 @@ class Server:
         """Idle connections and partial frames that never complete are closed (bounded time)."""
         if self.stopped.done():
             return
+        if self.node.failed and not self.failed:
+            # the node stopped on its own (its background chain check found a break): the
+            # server stops too, even when no commit is in flight to report it
+            self._fail(self.node.failed)
+            return
         now = time.monotonic()
         idle_s = self.limits.idle_timeout_ms / 1000
         partial_s = self.limits.partial_frame_timeout_ms / 1000
