@@ -216,6 +216,34 @@ def test_flipped_header_byte_is_detected(node_dir, tmp_path):
         node.close()
 
 
+def test_checkpoints_hashed_with_blake2b_before_sha256_still_recover(node_dir, tmp_path):
+    """A checkpoint's .json written before the switch names file_blake2b: it is checked with it."""
+    from yikatong.ledger.node import file_blake2b
+    live = Node.open(node_dir)
+    arrays = {k: v.tobytes() for k, v in live.engine.arrays.items()}
+    live.close()
+    meta_path = Node._checkpoints(node_dir)[-1]
+    meta = json.load(open(meta_path))
+    assert sorted(meta) == ["batch_no", "chain_hash", "file", "file_sha256", "seq"]
+    npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    del meta["file_sha256"]
+    meta["file_blake2b"] = file_blake2b(npz)
+    open(meta_path, "w").write(json.dumps(meta))
+    node = Node.open(node_dir)
+    try:
+        assert node.checkpoint_seq == 6309
+        assert {k: v.tobytes() for k, v in node.engine.arrays.items()} == arrays
+    finally:
+        node.close()
+    meta["file_blake2b"] = "00" * 32
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(CorruptLedgerError, match=r"content hash [0-9a-f]{16}…, expected 0000000000000000… "
+                                                 r"\(torn or altered\)"):
+        Node.open(node_dir)
+    with pytest.raises(VerifyError, match="a torn or altered file"):
+        verify(node_dir)
+
+
 def test_checkpoint_that_disagrees_with_the_chain_is_refused(node_dir, tmp_path):
     copy = corrupt_copy(node_dir, tmp_path)
     meta_path = Node._checkpoints(copy)[-1]
