@@ -444,9 +444,10 @@ class Server:
             self.stopped.set_result(code)
 
     def _fail(self, reason):
-        """Fail-stop: a commit failed; nothing after it is acknowledged."""
+        """Fail-stop: a commit failed, or the node stopped (its background chain check found a
+        break, docs/ledger.md); nothing after it is acknowledged."""
         self.failed = reason
-        log.error("commit failed: the server stops (fail-stop); restart it to recover from the journal",
+        log.error("commit failed or the node stopped: the server stops (fail-stop); the detail says what to do",
                   extra={"event": "fail_stop", "detail": reason})
         self.tcp_server.close()
         for c in list(self.connections):
