@@ -41,3 +41,19 @@ def test_copy_slices_refuses_a_short_destination():
     with pytest.raises(ValueError, match="copy_slices: 100 bytes of slices, the destination holds 99"):
         copy_slices(np.zeros(99, dtype=np.uint8), [memoryview(source)])
     assert copy_slices(np.zeros(0, dtype=np.uint8), []) == 0
+
+
+@pytest.mark.parametrize("module, prefetches_min, streaming_stores_min", [
+    ("yikatong.ledger._mapped", 1, 4), ("yikatong.ledger._totals", 5, 0)])
+def test_the_built_extensions_keep_their_prefetches(module, prefetches_min, streaming_stores_min):
+    """The figures depend on these instructions (bench/README-ledger.md §2, bench/README.md
+    issue 7): a compiler that drops a prefetch it deems free of side effects fails here."""
+    import importlib
+    import shutil
+    import subprocess
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump not installed")
+    path = importlib.import_module(module).__file__
+    text = subprocess.run(["objdump", "-d", path], capture_output=True, text=True, check=True).stdout
+    assert text.count("prefetch") >= prefetches_min
+    assert text.count("movntdq") >= streaming_stores_min
