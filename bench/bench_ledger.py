@@ -4,10 +4,11 @@ same run on the same bytes:
 - durable append through the writer process (Journal.submit + wait_durable, one batch at a time
   and pipelined) vs raw py-lmdb putmulti(append=True) of the same records (sync and metasync
   on), rounds interleaved so that both see the same noise; batch sizes 1, 256, 4096;
-- bulk read (Journal.read) into a fresh array and into a reused one vs a numpy memcpy of the
-  same bytes into a fresh array, and vs a per-record Python loop;
-- recovery (Node.open: newest checkpoint + replay of the tail, the whole hash chain checked)
-  on a journal of 10 M records (full size) whose checkpoint is 1 M records back, and replay
+- bulk read (Journal.read) into a fresh array and into a reused one (its copy on READ_THREADS
+  threads, and on one) vs a numpy memcpy of the same bytes into a fresh array, and vs a
+  per-record Python loop;
+- recovery (Node.open: newest checkpoint + replay of the tail, the tail's hash chain checked;
+  the chain before the checkpoint is checked in the background after open, timed too) on a journal of 10 M records (full size) whose checkpoint is 1 M records back, and replay
   from genesis, with the engine's own apply of the same requests and one core's BLAKE2b of the
   same bytes as the breakdown;
 - per-batch commit latency (max, p99.9, p99, median) while appending 4,096-settlement batches
@@ -31,6 +32,7 @@ from bench.conftest import size
 from yikatong.engine import Engine
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
+from yikatong.ledger import journal as journal_module
 from yikatong.ledger.journal import Journal
 from yikatong.ledger.node import Node
 from yikatong.ledger.records import RECORD_DTYPE, records_from_batch
@@ -144,11 +146,18 @@ def test_bulk_read(benchmark, tmp_path, template_records):
     records = benchmark.pedantic(timed(lambda: journal.read(1, n), times), rounds=rounds, iterations=1,
                                  warmup_rounds=1)
     reuse = np.empty(n, dtype=RECORD_DTYPE)
-    reuse_times, memcpy_times = [], []
+    reuse_times, memcpy_times, one_thread_times = [], [], []
     src = records.view(np.uint8)
-    for _ in range(rounds):
-        timed(lambda: journal.read(1, n, out=reuse), reuse_times)()
-        timed(lambda: np.copyto(np.empty_like(src), src), memcpy_times)()   # baseline: one memcpy, fresh pages
+    threads = journal_module.READ_THREADS
+    try:
+        for _ in range(rounds):
+            timed(lambda: journal.read(1, n, out=reuse), reuse_times)()
+            timed(lambda: np.copyto(np.empty_like(src), src), memcpy_times)()   # baseline: one memcpy, fresh pages
+            journal_module.READ_THREADS = 1            # the same read with its copy on one thread
+            timed(lambda: journal.read(1, n, out=reuse), one_thread_times)()
+            journal_module.READ_THREADS = threads
+    finally:
+        journal_module.READ_THREADS = threads
     assert reuse.tobytes() == records.tobytes()
     out = np.empty(n, dtype=RECORD_DTYPE)
     t0 = time.perf_counter()          # baseline: a per-record Python loop over the same values
@@ -166,6 +175,9 @@ def test_bulk_read(benchmark, tmp_path, template_records):
         "records_per_s_min": n / min(times), "records_per_s_median": n / float(np.median(times)),
         "reused_out_records_per_s_min": n / min(reuse_times),
         "reused_out_records_per_s_median": n / float(np.median(reuse_times)),
+        "read_threads": threads,
+        "reused_out_one_thread_records_per_s_min": n / min(one_thread_times),
+        "reused_out_one_thread_records_per_s_median": n / float(np.median(one_thread_times)),
         "memcpy_fresh_records_per_s_min": n / min(memcpy_times),
         "memcpy_fresh_records_per_s_median": n / float(np.median(memcpy_times)),
         "ratio_vs_memcpy_median": float(np.median(memcpy_times) / np.median(times)),
@@ -260,7 +272,9 @@ def cpu_seconds() -> float:
 
 
 def test_recovery_from_checkpoint(benchmark, aged_node):
-    """Node.open on the aged journal: checkpoint load + chain check + replay of the tail."""
+    """Node.open on the aged journal: checkpoint load + the tail's chain check + replay of the
+    tail. Then, once, the time until the background check of the chain before the checkpoint
+    has finished too (`Node.wait_chain_check`): the node serves during it."""
     path, records, checkpoint_seq, build_s = aged_node
     times: list = []
     checksums: list = []
@@ -276,12 +290,19 @@ def test_recovery_from_checkpoint(benchmark, aged_node):
 
     benchmark.pedantic(timed(recover, times), rounds=size(2, 3), iterations=1)
     assert len(set(checksums)) == 1
+    t0 = time.perf_counter()
+    node = Node.open(path)
+    open_s = time.perf_counter() - t0
+    assert node.wait_chain_check() is None
+    chain_checked_s = time.perf_counter() - t0
+    node.close()
     best = min(times)
     benchmark.extra_info.update({
         "records": records, "tail_records": records - checkpoint_seq, "open_s_min": best,
         "open_cpu_s_min": min(cpu),
         "open_s_median": float(np.median(times)), "records_per_s": records / best,
         "tail_records_per_s": (records - checkpoint_seq) / best, "build_s": build_s,
+        "open_s_then": open_s, "chain_fully_checked_s": chain_checked_s,
         **breakdown(path, checkpoint_seq + 1), "checksum": checksums[0],
     })
 

@@ -118,12 +118,12 @@ def totals(con, date_from: int, date_to: int) -> pa.Table:
     return run_sql(con, "totals", date_from=date_from, date_to=date_to)
 
 
-def totals_scan(record_count: int, config, date_from: int, date_to: int):
+def totals_scan(record_count: int, config, date_from: int, date_to: int, **tuning):
     """A fresh 对总账 scan (ledger/_totals.pyx) for `record_count` records: feed it, then
-    `totals_from_scan`."""
+    `totals_from_scan`. `tuning`: TotalsScan's keyword arguments (prefetch_bytes)."""
     from ._totals import TotalsScan
     inst_region = np.array([x.region for x in config.institutions], dtype=np.int64)
-    return TotalsScan(record_count, inst_region, date_from, date_to)
+    return TotalsScan(record_count, inst_region, date_from, date_to, **tuning)
 
 
 def totals_from_scan(scan, con=None) -> pa.Table | None:

@@ -19,7 +19,7 @@ import sys
 import lmdb
 import numpy as np
 
-from . import writer
+from . import _mapped, writer
 from .records import RECORD_DTYPE, RECORD_LAYOUT_VERSION
 
 HEADER_DTYPE = np.dtype([
@@ -29,6 +29,7 @@ HEADER_DTYPE = np.dtype([
 ZERO_HASH = bytes(32)
 assert HEADER_DTYPE.itemsize == writer.HEADER.size and RECORD_DTYPE.itemsize == writer.RECORD_SIZE_BYTES
 MAP_SIZE_BYTES_DEFAULT = 64 << 30          # address space only; the file grows as written
+READ_THREADS = min(os.cpu_count() or 1, 2)  # threads copying a bulk read (bench/README-ledger.md §2)
 
 
 class LedgerError(Exception):
@@ -231,6 +232,11 @@ class Journal:
             self._read_ack(self.acked_batch_no + 1)
 
     def _read_ack(self, expected: int) -> None:
+        if getattr(self, "failed", None):
+            # fail-stop: after a failed commit, or a broken chain found by the node's background
+            # check, no batch is acknowledged any more, even one the writer has committed
+            raise LedgerError(f"the journal stopped ({self.failed}); nothing more is acknowledged: "
+                              f"restart the node")
         if self._ready_pending:
             # this read is the handshake; callers loop (wait_durable) or are called again when
             # the pipe is readable (the server's add_reader), so the next ack is not awaited here
@@ -369,13 +375,14 @@ class Journal:
         out = out[:count]
         if count == 0:
             return out
-        out_bytes = out.view(np.uint8)                 # raw copies: a structured assignment is field by field
+        # Every batch's slice, gathered as memoryviews into the map and copied in one call with
+        # the GIL released, on `READ_THREADS` threads (ledger/_mapped.pyx): raw bytes (a
+        # structured assignment would go field by field), inside the read transaction that
+        # keeps the map's pages valid.
         size = RECORD_DTYPE.itemsize
-        filled = 0
-        for value, lo, hi in self._slices(first, last):
-            end = filled + hi - lo
-            out_bytes[filled * size:end * size] = np.frombuffer(value, np.uint8, (hi - lo) * size, lo * size)
-            filled = end
+        with self.env.begin(buffers=True) as txn:
+            views = [value[lo * size:hi * size] for value, lo, hi in self._slices_in(txn, first, last)]
+            _mapped.copy_slices(out.view(np.uint8), views, READ_THREADS)
         return out
 
     def feed(self, consumer, first: int = 1, last: int | None = None) -> int:
@@ -396,30 +403,37 @@ class Journal:
         value, which is valid until the next step (one read transaction for the whole walk)."""
         if last < first:
             return
+        with self.env.begin(buffers=True) as txn:
+            yield from self._slices_in(txn, first, last)
+
+    def _slices_in(self, txn, first: int, last: int):
+        """`_slices` in the read transaction `txn` (buffers=True): every value stays valid until
+        `txn` ends, so a caller may gather them all and use them together."""
+        if last < first:
+            return
         size = RECORD_DTYPE.itemsize
         filled = 0
-        with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor(db=self.journal_db)
-            # the batch holding `first`: the last key <= first
-            if not cur.set_range(be64(first)) or int.from_bytes(cur.key(), "big") > first:
-                if not cur.prev() and not cur.first():
-                    raise CorruptLedgerError(f"journal: records {first}…{last} missing (the journal is empty)")
-            for key, value in cur.iternext(keys=True, values=True):
-                start = int.from_bytes(key, "big")
-                if start > last:
-                    break
-                length = len(value)
-                if length % size:
-                    raise CorruptLedgerError(f"journal value at sequence {start}: {length} bytes, not a "
-                                             f"multiple of the {size}-byte record")
-                lo = first - start if first > start else 0
-                hi = min(last - start + 1, length // size)
-                if hi > lo:
-                    if start + lo != first + filled:
-                        raise CorruptLedgerError(f"journal: sequence {first + filled} expected, batch at "
-                                                 f"{start} gives {start + lo}")
-                    yield value, lo, hi
-                    filled += hi - lo
+        cur = txn.cursor(db=self.journal_db)
+        # the batch holding `first`: the last key <= first
+        if not cur.set_range(be64(first)) or int.from_bytes(cur.key(), "big") > first:
+            if not cur.prev() and not cur.first():
+                raise CorruptLedgerError(f"journal: records {first}…{last} missing (the journal is empty)")
+        for key, value in cur.iternext(keys=True, values=True):
+            start = int.from_bytes(key, "big")
+            if start > last:
+                break
+            length = len(value)
+            if length % size:
+                raise CorruptLedgerError(f"journal value at sequence {start}: {length} bytes, not a "
+                                         f"multiple of the {size}-byte record")
+            lo = first - start if first > start else 0
+            hi = min(last - start + 1, length // size)
+            if hi > lo:
+                if start + lo != first + filled:
+                    raise CorruptLedgerError(f"journal: sequence {first + filled} expected, batch at "
+                                             f"{start} gives {start + lo}")
+                yield value, lo, hi
+                filled += hi - lo
         if filled != last - first + 1:
             raise CorruptLedgerError(f"journal: records {first + filled}…{last} missing")
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import threading
 import zipfile
 
@@ -24,6 +25,10 @@ from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_S
 from .records import KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
 
 log = logging.getLogger("yikatong.ledger")
+
+# Written (fsynced) by a node whose background chain check found a break; `Node.open` refuses
+# to start while it exists (the remedy is in its message).
+CHAIN_BROKEN_FILE = "chain-broken.txt"
 
 
 class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,7 +59,11 @@ def _write_durably(path: str, data: bytes):
 
 
 class Node:
-    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine):
+    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine,
+                 warm_snapshot: bool = True):
+        """`warm_snapshot=False`: the checkpoint buffers are faulted in later, by
+        `_start_snapshot_warm` (recovery starts it once the tail is replayed: its 255 MB of
+        page faults would otherwise share the cores with the replay)."""
         self.data_dir = data_dir
         self.settings = settings
         self.journal = journal
@@ -64,9 +73,9 @@ class Node:
         self.business_date = journal.last_business_date
         self._checkpoint_thread = None
         self._snapshot_buffers: dict = {}
-        self._snapshot_warm = threading.Thread(target=self._warm_snapshot, args=(dict(engine.arrays),),
-                                               name="checkpoint-buffers", daemon=True)
-        self._snapshot_warm.start()
+        self._snapshot_warm = None
+        if warm_snapshot:
+            self._start_snapshot_warm()
         # Commits go to the writer process from here on (DESIGN.md §4: not a thread, the GIL).
         journal.start_writer()
 
@@ -143,22 +152,39 @@ class Node:
             settings = msgspec.json.decode(open(path, "rb").read(), type=NodeSettings)
         except msgspec.ValidationError as e:
             raise LedgerError(f"{path}: {e}") from None
+        broken = os.path.join(os.path.abspath(data_dir), CHAIN_BROKEN_FILE)
+        if os.path.exists(broken):
+            raise CorruptLedgerError(
+                f"{data_dir}: a background check found the journal's hash chain broken; the node stopped and "
+                f"will not start on this journal ({open(broken).read().strip()}). Remedy: run `yikatong verify "
+                f"--data {data_dir}`, restore the journal from a backup or a replica, then remove {broken}")
         journal = Journal(data_dir, map_size_bytes=settings.map_size_bytes)
         try:
-            # The whole chain is checked on worker threads from here on, beside the checkpoint
-            # load and the replay: start-up costs about the larger of the two, not their sum.
+            # Only the tail after the newest checkpoint (the batches replayed) is hash-checked
+            # before open returns, on worker threads beside the checkpoint load and the replay.
+            # The chain before the checkpoint is checked after open, in the background
+            # (`_start_prefix_check`): the engine state comes from the checkpoint file (its own
+            # BLAKE2b checked here) and the checkpoint records the header hash at its batch, so
+            # the tail's check starts from that hash and a checkpoint that disagrees with the
+            # headers is refused here (docs/ledger.md "Recovery").
             headers = journal.headers()
-            chain = ChainCheck(journal, headers)
+            metas = cls._checkpoints(data_dir)
+            meta_path = metas[-1] if metas else None
+            batch_no, chain_hash = cls._checkpoint_position(meta_path, headers)
+            chain = ChainCheck(journal, headers[batch_no:], start_hash=chain_hash)
             chain.start()
             try:
-                engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal, headers)
-                node = cls(data_dir, settings, journal, engine)
+                engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal, headers,
+                                                                         meta_path=meta_path)
+                node = cls(data_dir, settings, journal, engine, warm_snapshot=False)
                 node.checkpoint_seq = seq
             except BaseException:
                 chain.stop()
                 chain.join()
                 raise
             node._replay_tail(batch_no, chain_hash, headers, chain)
+            node._start_snapshot_warm()
+            node._start_prefix_check(headers[:batch_no])
         except BaseException:
             journal.close()
             raise
@@ -168,32 +194,44 @@ class Node:
     def _checkpoints(data_dir: str) -> list[str]:
         return sorted(glob.glob(os.path.join(data_dir, "checkpoints", "ckpt-*.json")))
 
+    @staticmethod
+    def _checkpoint_position(meta_path, headers) -> tuple[int, bytes]:
+        """(batch number, header hash at that batch) the checkpoint `meta_path` was taken at,
+        (0, zeros) without one; refused when the journal's header there has another hash."""
+        if meta_path is None:
+            return 0, bytes(32)
+        meta = json.load(open(meta_path))
+        batch_no = int(meta["batch_no"])
+        if batch_no > headers.shape[0] or bytes(headers[batch_no - 1]["hash"]).hex() != meta["chain_hash"]:
+            raise CorruptLedgerError(f"checkpoint {meta['file']} is at batch {batch_no} whose journal hash does "
+                                     f"not match: it does not belong to this journal")
+        return batch_no, bytes.fromhex(meta["chain_hash"])
+
     @classmethod
-    def _load_checkpoint(cls, data_dir, settings, journal, headers):
-        metas = cls._checkpoints(data_dir)
+    def _load_checkpoint(cls, data_dir, settings, journal, headers, meta_path=None):
+        metas = [meta_path] if meta_path is not None else cls._checkpoints(data_dir)
         if not metas:
             engine = Engine(settings.config, card_capacity=settings.card_capacity,
                             txn_retention_count=settings.txn_retention_count)
             return engine, 0, 0, bytes(32)
         meta_path = metas[-1]
         meta = json.load(open(meta_path))
+        batch_no, chain_hash = cls._checkpoint_position(meta_path, headers)
         arrays, digest = load_checkpoint_arrays(meta_path)
-        if digest != meta["file_blake2b"]:
+        _, expected = checkpoint_file_hash(meta)
+        if digest != expected:
             raise CorruptLedgerError(f"checkpoint {meta['file']}: content hash {digest[:16]}…, expected "
-                                     f"{meta['file_blake2b'][:16]}… (torn or altered). Remedy: move it (and its "
+                                     f"{expected[:16]}… (torn or altered). Remedy: move it (and its "
                                      f".json) out of checkpoints/; the node then recovers from an older one")
-        batch_no = int(meta["batch_no"])
-        if batch_no > headers.shape[0] or bytes(headers[batch_no - 1]["hash"]).hex() != meta["chain_hash"]:
-            raise CorruptLedgerError(f"checkpoint {meta['file']} is at batch {batch_no} whose journal hash does "
-                                     f"not match: it does not belong to this journal")
-        return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, bytes.fromhex(meta["chain_hash"])
+        return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, chain_hash
 
     def _replay_tail(self, after_batch_no: int, checkpoint_hash: bytes, headers: np.ndarray, chain: "ChainCheck"):
-        """Check the whole hash chain and replay the batches after the checkpoint, at once: the
-        chain check (BLAKE2b of every batch, ~0.7 GB/s per core) runs on `chain_check_threads`
-        threads beside the replay (engine apply in C, GIL released) on this one. Torn or altered
-        bytes anywhere stop the start-up with the first broken batch named, exactly as a check
-        in journal order would name it.
+        """Check the tail's hash chain and replay the batches after the checkpoint, at once: the
+        chain check (BLAKE2b of every batch after the checkpoint, ~0.7 GB/s per core, chained
+        from the checkpoint's header hash) runs on worker threads beside the replay (engine
+        apply in C, GIL released) on this one. Torn or altered bytes in the tail stop the
+        start-up with the first broken batch named, exactly as a check in journal order would
+        name it. (The chain before the checkpoint: `_start_prefix_check`, after open.)
 
         Replay reads each batch where LMDB keeps it (a read transaction, buffers=True) and hands
         it to the engine's replay loop as it lies: no request or result column is copied out of
@@ -216,6 +254,56 @@ class Node:
             # the error a check in journal order meets first: the lowest batch, then a broken
             # chain before a replay that diverged (altered bytes explain the divergence)
             raise min(errors, key=lambda e: (e[0], e[1]))[2]
+
+    def _start_prefix_check(self, headers: np.ndarray) -> None:
+        """The hash chain of the batches up to the checkpoint (`headers`, from batch 1), checked
+        in the background once the node is serving: on worker threads at nice +10, so that on a
+        busy machine the check yields to the thread answering terminals. Open already checked
+        that the checkpoint's recorded header hash is the journal's at its batch; this check
+        shows that the batches before it hash, in order, to that header.
+
+        A break found here is fail-stop (docs/ledger.md "Recovery"): the node refuses every
+        later batch, acknowledges nothing more (not even batches already committed), takes no
+        checkpoint, writes CHAIN_BROKEN_FILE so that it does not start again on this journal
+        until an operator has run `yikatong verify`, and logs the broken batch."""
+        self._prefix_check = ChainCheck(self.journal, headers, threads=max(1, (os.cpu_count() or 1) - 1),
+                                        nice=10)
+        self._prefix_check_done = threading.Event()
+        self._prefix_check_error = None
+        self._prefix_check.start()
+        watcher = threading.Thread(target=self._watch_prefix_check, name="chain-check-watch", daemon=True)
+        watcher.start()
+
+    def _watch_prefix_check(self):
+        try:
+            found = self._prefix_check.join()
+            if found:                         # a break found before a stop is still a break
+                error = min(found, key=lambda e: (e[0], e[1]))[2]
+                self._prefix_check_error = error
+                self._stop_on_chain_break(error)
+        finally:
+            self._prefix_check_done.set()
+
+    def _stop_on_chain_break(self, error: Exception):
+        reason = f"the journal's hash chain is broken before the checkpoint ({error})"
+        self.failed = reason
+        self.journal.failed = reason          # refuses submits; acknowledges nothing more
+        log.critical("%s: the node stops (fail-stop); run `yikatong verify --data %s`", reason, self.data_dir)
+        try:
+            _write_durably(os.path.join(self.data_dir, CHAIN_BROKEN_FILE), (reason + "\n").encode())
+        except OSError as e:                  # the node is stopped either way; only the marker is lost
+            log.error("could not write %s: %s", CHAIN_BROKEN_FILE, e)
+
+    def wait_chain_check(self, timeout_s: float | None = None) -> Exception | None:
+        """Wait for the background check of the chain before the checkpoint (started by
+        `open`); returns the break it found (the node has then stopped) or None. Returns
+        None at once for a node that was not opened from a journal (`init`)."""
+        done = getattr(self, "_prefix_check_done", None)
+        if done is None:
+            return None
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"the background chain check is still running after {timeout_s} s")
+        return self._prefix_check_error
 
     def _replay_batches(self, headers: np.ndarray):
         """Replay `headers`' batches in order; None, or (batch_no, 3, error) at the first batch
@@ -298,6 +386,8 @@ class Node:
         previous one is still being written waits for it here (checkpoint positions stay
         deterministic); with checkpoint_every_records far above what commits during one
         checkpoint (≈ 1 s for 255 MB of state) that wait does not happen."""
+        if self.failed:
+            raise LedgerError(f"the node stopped ({self.failed}); no checkpoint is taken: restart it")
         self.journal.wait_durable(self.journal.last_batch_no)
         if self._checkpoint_thread is not None:
             # one at a time; the previous started ≥ checkpoint_every_records ago, so this wait
@@ -321,7 +411,8 @@ class Node:
         one checkpoint at a time). This copy is the one part of a checkpoint on the reply path;
         into fresh memory it page-faults every 4 KiB and measured ≈ 3× a plain memcpy (≈ 0.4 s
         for 255 MB on an aged node), so the buffers are faulted in once, at start-up, by a thread."""
-        self._snapshot_warm.join()
+        if self._snapshot_warm is not None:
+            self._snapshot_warm.join()
         buffers = self._snapshot_buffers
         for name, array in self.engine.arrays.items():
             buffer = buffers.get(name)
@@ -331,6 +422,11 @@ class Node:
         for name in set(buffers) - set(self.engine.arrays):
             del buffers[name]
         return dict(buffers)
+
+    def _start_snapshot_warm(self):
+        self._snapshot_warm = threading.Thread(target=self._warm_snapshot, args=(dict(self.engine.arrays),),
+                                               name="checkpoint-buffers", daemon=True)
+        self._snapshot_warm.start()
 
     def _warm_snapshot(self, arrays: dict):
         # a benign race: this reads arrays the engine may be writing; only the pages matter here
@@ -342,6 +438,12 @@ class Node:
     def close(self):
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join()
+        check = getattr(self, "_prefix_check", None)
+        if check is not None:
+            # an unfinished background check is abandoned (the next open starts it again);
+            # its read transactions must end before the environment closes
+            check.stop()
+            self._prefix_check_done.wait()
         self.journal.close()
 
 
@@ -365,9 +467,9 @@ def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_
         f.flush()
         os.fsync(f.fileno())
     os.rename(npz + ".tmp", npz)
-    digest = file_blake2b(npz)
+    digest = file_digest(npz, CHECKPOINT_FILE_HASH)
     meta = {"file": name + ".npz", "seq": seq, "batch_no": batch_no,
-            "chain_hash": chain_hash.hex(), "file_blake2b": digest}
+            "chain_hash": chain_hash.hex(), "file_" + CHECKPOINT_FILE_HASH: digest}
     _write_durably(os.path.join(folder, name + ".json"), json.dumps(meta).encode())
     log.info("checkpoint at sequence %d (batch %d): %s", seq, batch_no, npz)
     return npz
@@ -407,37 +509,116 @@ def save_npz(f, arrays: dict, pace: bool = False) -> None:
                         os.fdatasync(f.fileno())
 
 
-def file_blake2b(path: str) -> str:
-    h = hashlib.blake2b(digest_size=32)
+# The checkpoint file's own hash, recorded in its .json as "file_<algorithm>" and checked before
+# a byte of it is used. SHA-256, not BLAKE2b: this CPU has SHA-NI, and OpenSSL's SHA-256 runs
+# 2.5× hashlib's BLAKE2b here (0.74 vs 0.29 GB/s measured side by side on the shared cores), and
+# this hash is on recovery's critical path (255 MB before the replay can start). Checkpoints
+# written before carry "file_blake2b" and are checked with it. (The journal's hash chain stays
+# BLAKE2b: its bytes are in the ledger's format.)
+CHECKPOINT_FILE_HASH = "sha256"
+
+
+def checkpoint_file_hash(meta: dict) -> tuple[str, str]:
+    """(algorithm, expected hex digest) of a checkpoint's .json."""
+    for algorithm in ("sha256", "blake2b"):
+        if "file_" + algorithm in meta:
+            return algorithm, meta["file_" + algorithm]
+    raise CorruptLedgerError(f"checkpoint {meta.get('file')}: its .json records no file hash (file_sha256 or "
+                             f"file_blake2b). Remedy: move it out of checkpoints/; the node then recovers from "
+                             f"an older one")
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of a file: "sha256", or "blake2b" (BLAKE2b-256, as checkpoints before SHA-256)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        if algorithm == "blake2b":
+            return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def file_blake2b(path: str) -> str:
+    return file_digest(path, "blake2b")
+
+
+def load_npz(path: str) -> dict:
+    """The arrays of an uncompressed .npz (np.savez's format, which save_npz writes), each read
+    from the file straight into a fresh array as raw bytes: one readinto per member.
+
+    np.load reads a member in 256 KiB pieces through zipfile (a CRC-32 of each piece in Python's
+    zip code) and assigns every piece into a structured array field by field: 0.55–0.93 s for a
+    255 MB checkpoint on this machine, against ≈ 0.1 s here (bench/README-ledger.md §1). The file's
+    integrity is the caller's (the checkpoint's BLAKE2b); a member that is compressed, object,
+    Fortran-ordered or of an unknown .npy version is left to np.load.
+
+    >>> arrays = load_npz("checkpoints/ckpt-00000000000001000000.npz")   # doctest: +SKIP
+    """
+    arrays = {}
+    fallback = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type != zipfile.ZIP_STORED:
+                fallback.append(name)
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)                             # the member's local file header
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: member {info.filename}: no local header at byte {info.header_offset}")
+            name_bytes, extra_bytes = struct.unpack("<HH", local[26:30])
+            member_start = info.header_offset + 30 + name_bytes + extra_bytes
+            f.seek(member_start)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                fallback.append(name)
+                continue
+            if fortran_order or dtype.hasobject:
+                fallback.append(name)
+                continue
+            array = np.empty(shape, dtype=dtype)
+            data_bytes = info.file_size - (f.tell() - member_start)
+            if data_bytes != array.nbytes:
+                raise ValueError(f"{path}: member {info.filename}: {data_bytes} bytes of data, expected "
+                                 f"{array.nbytes} for {dtype} {shape}")
+            if array.nbytes:
+                got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+                if got != array.nbytes:
+                    raise ValueError(f"{path}: member {info.filename}: {got} bytes read, expected {array.nbytes} "
+                                     f"(truncated)")
+            arrays[name] = array
+    if fallback:
+        with np.load(path) as data:
+            arrays.update({name: data[name] for name in fallback})
+    return arrays
 
 
 def load_checkpoint_arrays(meta_path: str) -> tuple[dict, str]:
-    """The checkpoint's arrays and the file's BLAKE2b; ({}, digest) when the digest is not the
-    recorded one. The file is hashed on a thread while numpy parses it (both read the same
+    """The checkpoint's arrays and the file's digest (`checkpoint_file_hash`); ({}, digest) when
+    the digest is not the recorded one. The file is hashed on a thread while numpy parses it (both read the same
     pages; hashlib releases the GIL), and nothing parsed is returned unless the hash matched."""
     meta = json.load(open(meta_path))
     npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    algorithm, expected = checkpoint_file_hash(meta)
     digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(file_blake2b(npz)), name="checkpoint-hash", daemon=True)
+    hasher = threading.Thread(target=lambda: digest.append(file_digest(npz, algorithm)), name="checkpoint-hash",
+                              daemon=True)
     hasher.start()
     try:
-        # np.load reads each member of the (uncompressed) .npz into a fresh writable array:
-        # no copy needed. A torn file may fail to parse: then the hash names the fault.
-        with np.load(npz) as data:
-            arrays = {name: data[name] for name in data.files}
+        # each member read into a fresh writable array (load_npz): no copy needed. A torn file
+        # may fail to parse: then the hash names the fault.
+        arrays = load_npz(npz)
     except Exception:
         hasher.join()
-        if digest and digest[0] != meta["file_blake2b"]:
+        if digest and digest[0] != expected:
             return {}, digest[0]
         raise
     hasher.join()
     if not digest:
         raise LedgerError(f"checkpoint {meta['file']}: could not be read to hash it")
-    if digest[0] != meta["file_blake2b"]:
+    if digest[0] != expected:
         return {}, digest[0]
     return arrays, digest[0]
 
@@ -447,9 +628,15 @@ class ChainCheck:
     hashes), each over a contiguous share of the batches in its own read transaction; `join`
     returns the first broken point of each share as (batch_no, precedence, CorruptLedgerError)."""
 
-    def __init__(self, journal: Journal, headers: np.ndarray, threads: int | None = None):
+    def __init__(self, journal: Journal, headers: np.ndarray, threads: int | None = None,
+                 start_hash: bytes = bytes(32), nice: int = 0):
+        """`headers`: consecutive batches; the first chains from `start_hash` (zeros at genesis,
+        the checkpoint's recorded header hash for a tail). `nice`: the workers' CPU priority
+        (Linux, per thread; 0 = unchanged)."""
         self.journal = journal
         self.headers = headers
+        self.start_hash = start_hash
+        self.nice = nice
         self.threads = max(1, min(threads or os.cpu_count() or 1, 8, headers.shape[0] or 1))
         self._found: list = []
         self._stop = threading.Event()
@@ -478,14 +665,24 @@ class ChainCheck:
     def stop(self):
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def _check(self, lo: int, hi: int):
         headers = self.headers[lo:hi]
         size = RECORD_DTYPE.itemsize
         prev_hashes = headers["prev_hash"].tobytes()
         hashes = headers["hash"].tobytes()
         # the link to the share before: the previous header's hash (or zeros at genesis)
-        before = bytes(self.headers[lo - 1]["hash"]) if lo else bytes(32)
+        before = bytes(self.headers[lo - 1]["hash"]) if lo else self.start_hash
         journal = self.journal
+        batch_no = int(headers["batch_no"][0])
+        if self.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except (AttributeError, OSError):
+                pass                           # not Linux, or not permitted: same priority
         try:
             with journal.env.begin(buffers=True) as txn:
                 get, db = txn.get, journal.journal_db
@@ -514,7 +711,7 @@ class ChainCheck:
         except CorruptLedgerError as e:
             self._found.append((batch_no, 1, e))      # list.append is atomic under the GIL
         except BaseException as e:  # noqa: BLE001 — reported, never lost on a daemon thread
-            self._found.append((lo + 1, 0, e))
+            self._found.append((batch_no, 0, e))
 
 
 def check_batch(header, payload: bytes, prev_hash: bytes):

@@ -363,6 +363,11 @@ class Server:
         """Idle connections and partial frames that never complete are closed (bounded time)."""
         if self.stopped.done():
             return
+        if self.node.failed and not self.failed:
+            # the node stopped on its own (its background chain check found a break): the
+            # server stops too, even when no commit is in flight to report it
+            self._fail(self.node.failed)
+            return
         now = time.monotonic()
         idle_s = self.limits.idle_timeout_ms / 1000
         partial_s = self.limits.partial_frame_timeout_ms / 1000
@@ -439,9 +444,10 @@ class Server:
             self.stopped.set_result(code)
 
     def _fail(self, reason):
-        """Fail-stop: a commit failed; nothing after it is acknowledged."""
+        """Fail-stop: a commit failed, or the node stopped (its background chain check found a
+        break, docs/ledger.md); nothing after it is acknowledged."""
         self.failed = reason
-        log.error("commit failed: the server stops (fail-stop); restart it to recover from the journal",
+        log.error("commit failed or the node stopped: the server stops (fail-stop); the detail says what to do",
                   extra={"event": "fail_stop", "detail": reason})
         self.tcp_server.close()
         for c in list(self.connections):

@@ -1,7 +1,10 @@
 """The journal on real LMDB in temp dirs: append/read, recovery, checkpoints, verify, and every
 operational error with its remedy; corruption of records, headers and checkpoints is detected."""
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,31 +105,153 @@ def flip_byte_in_file(path: str, needle: bytes, offset_in_needle: int):
     open(path, "wb").write(bytes(data))
 
 
-def test_flipped_record_byte_is_detected(node_dir, tmp_path):
-    copy = str(tmp_path / "flip")
+def corrupt_copy(node_dir, tmp_path, name="flip") -> str:
+    copy = str(tmp_path / name)
     shutil.copytree(node_dir, copy)
     os.remove(os.path.join(copy, "node.lock"))
+    return copy
+
+
+def with_tail(node_dir) -> str:
+    """node_dir plus two batches of 500 after its newest checkpoint (batches 16 and 17, sequences
+    6310…7309): a tail that recovery replays."""
+    node = Node.open(node_dir)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 300), 1000, seed=6)
+    node.apply_and_append(q[:500], BD + 1)
+    node.apply_and_append(q[500:], BD + 1)
+    assert (node.checkpoint_seq, node.journal.last_seq) == (6309, 7309)
+    node.close()
+    return node_dir
+
+
+def run_verify(data_dir: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yikatong.main", "verify", "--data", data_dir],
+                          capture_output=True, text=True)
+
+
+def test_flipped_record_byte_in_the_tail_is_detected_at_open(node_dir, tmp_path):
+    copy = corrupt_copy(with_tail(node_dir), tmp_path)
     j = Journal(copy)
-    victim = j.read(100, 100).tobytes()
+    victim = j.read(6400, 6400).tobytes()
     j.close()
     flip_byte_in_file(os.path.join(copy, "journal.lmdb", "data.mdb"), victim, 200)
     with pytest.raises(VerifyError, match="records altered"):
         verify(copy)
-    with pytest.raises(CorruptLedgerError, match=r"batch 3 \(sequence 10…309\): records hash"):
+    with pytest.raises(CorruptLedgerError, match=r"batch 16 \(sequence 6310…6809\): records hash"):
         Node.open(copy)
 
 
-def test_flipped_header_byte_is_detected(node_dir, tmp_path):
-    copy = str(tmp_path / "flip")
-    shutil.copytree(node_dir, copy)
-    os.remove(os.path.join(copy, "node.lock"))
+def test_flipped_record_byte_before_the_checkpoint_stops_the_node(node_dir, tmp_path):
+    """Before the newest checkpoint the chain is checked in the background once the node is
+    serving: the break stops the node (nothing more accepted or acknowledged, no checkpoint),
+    it is written down so that the node does not start again, and `yikatong verify` names it."""
+    copy = corrupt_copy(node_dir, tmp_path)
     j = Journal(copy)
-    header = j.headers()[5].tobytes()
+    victim = j.read(100, 100).tobytes()
     j.close()
-    flip_byte_in_file(os.path.join(copy, "journal.lmdb", "data.mdb"), header, 60)   # inside prev_hash
+    flip_byte_in_file(os.path.join(copy, "journal.lmdb", "data.mdb"), victim, 200)
+    node = Node.open(copy)                     # the checkpoint (batch 15) and its empty tail are intact
+    try:
+        assert node.checkpoint_seq == 6309
+        error = node.wait_chain_check()
+        assert isinstance(error, CorruptLedgerError)
+        assert str(error).startswith("batch 3 (sequence 10…309): records hash")
+        q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 300), 10, seed=8)
+        with pytest.raises(LedgerError, match=r"hash chain is broken before the checkpoint \(batch 3 \(sequence"):
+            node.apply_and_append(q, BD + 1)
+        with pytest.raises(LedgerError, match="hash chain is broken before the checkpoint"):
+            node.submit_cutover()
+        with pytest.raises(LedgerError, match="hash chain is broken before the checkpoint .*no checkpoint is taken"):
+            node.checkpoint()
+    finally:
+        node.close()
+    j = Journal(copy, readonly=True)
+    assert j.last_seq == 6309                  # nothing was appended after the break was found
+    j.close()
+    assert len(Node._checkpoints(copy)) == 3
+    with pytest.raises(CorruptLedgerError, match=r"hash chain broken; the node stopped and will not start .*"
+                                                 r"batch 3 \(sequence 10…309\).* Remedy: run `yikatong verify"):
+        Node.open(copy)
+    out = run_verify(copy)
+    assert out.returncode == 1 and "BROKEN" in out.stdout and "records altered" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_break_found_after_a_commit_leaves_that_batch_unacknowledged(node_dir):
+    """The fail-stop of a background break: a batch the writer committed is still never
+    acknowledged once the journal is stopped (its reply must not leave)."""
+    node = Node.open(node_dir)
+    try:
+        q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 300), 10, seed=8)
+        assert node.wait_chain_check() is None
+        ticket, _ = node.submit(q, BD + 1)
+        node._stop_on_chain_break(CorruptLedgerError("batch 3: (test)"))
+        with pytest.raises(LedgerError, match=r"the journal stopped \(the journal's hash chain is broken before the "
+                                              r"checkpoint \(batch 3: \(test\)\)\); nothing more is acknowledged"):
+            node.wait_durable(ticket)
+    finally:
+        node.close()
+    assert os.path.exists(os.path.join(node_dir, "chain-broken.txt"))
+
+
+def test_flipped_header_byte_is_detected(node_dir, tmp_path):
+    with_tail(node_dir)
+    j = Journal(node_dir)
+    headers = j.headers()
+    j.close()
+    tail = corrupt_copy(node_dir, tmp_path, "tail")
+    flip_byte_in_file(os.path.join(tail, "journal.lmdb", "data.mdb"), headers[16].tobytes(), 60)   # batch 17's prev_hash
     with pytest.raises(VerifyError, match="hash chain broken"):
-        verify(copy)
-    with pytest.raises(CorruptLedgerError, match="batch 6: previous hash"):
+        verify(tail)
+    with pytest.raises(CorruptLedgerError, match="batch 17: previous hash"):
+        Node.open(tail)
+    prefix = corrupt_copy(node_dir, tmp_path, "prefix")
+    flip_byte_in_file(os.path.join(prefix, "journal.lmdb", "data.mdb"), headers[5].tobytes(), 60)   # batch 6's
+    with pytest.raises(VerifyError, match="hash chain broken"):
+        verify(prefix)
+    node = Node.open(prefix)                   # before the checkpoint: found by the background check
+    try:
+        assert str(node.wait_chain_check()).startswith("batch 6: previous hash")
+        assert node.failed.startswith("the journal's hash chain is broken before the checkpoint (batch 6: previous")
+    finally:
+        node.close()
+
+
+def test_checkpoints_hashed_with_blake2b_before_sha256_still_recover(node_dir, tmp_path):
+    """A checkpoint's .json written before the switch names file_blake2b: it is checked with it."""
+    from yikatong.ledger.node import file_blake2b
+    live = Node.open(node_dir)
+    arrays = {k: v.tobytes() for k, v in live.engine.arrays.items()}
+    live.close()
+    meta_path = Node._checkpoints(node_dir)[-1]
+    meta = json.load(open(meta_path))
+    assert sorted(meta) == ["batch_no", "chain_hash", "file", "file_sha256", "seq"]
+    npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    del meta["file_sha256"]
+    meta["file_blake2b"] = file_blake2b(npz)
+    open(meta_path, "w").write(json.dumps(meta))
+    node = Node.open(node_dir)
+    try:
+        assert node.checkpoint_seq == 6309
+        assert {k: v.tobytes() for k, v in node.engine.arrays.items()} == arrays
+    finally:
+        node.close()
+    meta["file_blake2b"] = "00" * 32
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(CorruptLedgerError, match=r"content hash [0-9a-f]{16}…, expected 0000000000000000… "
+                                                 r"\(torn or altered\)"):
+        Node.open(node_dir)
+    with pytest.raises(VerifyError, match="a torn or altered file"):
+        verify(node_dir)
+
+
+def test_checkpoint_that_disagrees_with_the_chain_is_refused(node_dir, tmp_path):
+    copy = corrupt_copy(node_dir, tmp_path)
+    meta_path = Node._checkpoints(copy)[-1]
+    meta = json.load(open(meta_path))
+    meta["chain_hash"] = bytes(32).hex()
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(CorruptLedgerError, match=r"checkpoint ckpt-0+6309.npz is at batch 15 whose journal hash "
+                                                 r"does not match: it does not belong to this journal"):
         Node.open(copy)
 
 

@@ -1,8 +1,10 @@
 """Recovery's replay path: the engine's in-place replay of journal rows equals apply_batch and names
 the first row that answers differently; the chain check on several threads names the first broken
 batch in journal order; batches of one record (2-byte-aligned LMDB values) replay exactly."""
+import json
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.demo import demo_engine
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 from yikatong.ledger.journal import CorruptLedgerError, Journal
-from yikatong.ledger.node import ChainCheck, Node
+from yikatong.ledger.node import ChainCheck, Node, load_npz
 from yikatong.ledger.records import RECORD_DTYPE, records_from_batch
 from yikatong.nodes import init_demo_node
 
@@ -133,7 +135,12 @@ def test_chain_check_names_the_first_broken_batch_on_any_number_of_threads(small
     assert found[0][0] == int(early["batch_no"])
     assert f"batch {int(early['batch_no'])} (sequence {int(early['first_seq'])}…" in str(found[0][2])
     assert "records altered" in str(found[0][2])
-    with pytest.raises(CorruptLedgerError, match=rf"batch {int(early['batch_no'])} \(sequence"):
+    # Node.open checks the tail after the checkpoint before it returns: it names the late
+    # break; the early one, before the checkpoint, is the background check's
+    # (test_ledger_journal.py::test_flipped_record_byte_before_the_checkpoint_stops_the_node)
+    checkpoint_batch_no = json.load(open(Node._checkpoints(path)[-1]))["batch_no"]
+    assert int(early["batch_no"]) <= checkpoint_batch_no < int(late["batch_no"])
+    with pytest.raises(CorruptLedgerError, match=rf"batch {int(late['batch_no'])} \(sequence"):
         Node.open(path)
 
 
@@ -142,7 +149,7 @@ def test_checkpoint_file_round_trips_every_array_kind(tmp_path, pace):
     """save_npz (no tobytes copies) writes what np.load reads back: structured, 2-D, empty,
     larger than one 8 MiB piece; and the same bytes np.savez writes."""
     from yikatong.engine.layouts import CARD_HOT_DTYPE, TXN_DTYPE
-    from yikatong.ledger.node import save_npz
+    from yikatong.ledger.node import load_npz, save_npz
     rng = np.random.default_rng(1)
     arrays = {
         "cards": rng.integers(0, 256, 7 * CARD_HOT_DTYPE.itemsize, dtype=np.uint8).view(CARD_HOT_DTYPE),
@@ -160,4 +167,27 @@ def test_checkpoint_file_round_trips_every_array_kind(tmp_path, pace):
             back = loaded[name]
             assert (back.dtype, back.shape, back.tobytes()) == (array.dtype, array.shape, array.tobytes()), name
             assert back.flags.writeable
+    for path in (ours, theirs):                      # recovery's reader: the same arrays
+        loaded = load_npz(path)
+        assert sorted(loaded) == sorted(arrays)
+        for name, array in arrays.items():
+            back = loaded[name]
+            assert (back.dtype, back.shape, back.tobytes()) == (array.dtype, array.shape, array.tobytes()), name
+            assert back.flags.writeable and back.flags.c_contiguous
+
+
+def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
+    arrays = {"a": np.arange(100_000, dtype="<i8"), "f": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+              "s": np.zeros(3, dtype=[("x", "<u2"), ("y", "V5")])}
+    plain, packed = str(tmp_path / "plain.npz"), str(tmp_path / "packed.npz")
+    np.savez(plain, **arrays)
+    np.savez_compressed(packed, **arrays)            # compressed members: left to np.load
+    for path in (plain, packed):
+        loaded = load_npz(path)
+        for name, array in arrays.items():
+            assert loaded[name].dtype == array.dtype and (loaded[name] == array).all(), (path, name)
+    torn = str(tmp_path / "torn.npz")
+    open(torn, "wb").write(open(plain, "rb").read()[:400_000])    # cut inside member a's data
+    with pytest.raises(zipfile.BadZipFile):
+        load_npz(torn)
 
