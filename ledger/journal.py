@@ -151,7 +151,11 @@ class Journal:
         ring_fd = os.memfd_create("yikatong-journal-ring", os.MFD_CLOEXEC)
         try:
             os.ftruncate(ring_fd, self.ring_size_bytes)
-            self._ring = mmap.mmap(ring_fd, self.ring_size_bytes)
+            # MAP_POPULATE: every page of the ring allocated now (≈ 0.1 s at start-up) instead of
+            # a page fault per 4 KiB on the first pass, which measured as the serving loop's worst
+            # latencies (open loop 150 k/s: p99 56 ms on a fresh node, 15 ms once the ring was warm)
+            self._ring = mmap.mmap(ring_fd, self.ring_size_bytes,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             self._writer = subprocess.Popen(
                 [sys.executable, "-m", "yikatong.ledger.writer", self._journal_path, str(self.map_size_bytes),
                  str(os.getpid()), str(ring_fd), str(self.ring_size_bytes)],

@@ -90,7 +90,9 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
         else:
             batch_no, last_seq, business_date, prev = 0, 0, 0, bytes(32)
     # The shared ring, read-only here: a stray write of this process cannot touch a batch.
-    ring = memoryview(mmap.mmap(ring_fd, ring_size_bytes, prot=mmap.PROT_READ)) if ring_fd >= 0 else None
+    # (MAP_POPULATE: the node allocated the pages; mapped here now, not by a fault per page later)
+    ring = memoryview(mmap.mmap(ring_fd, ring_size_bytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                prot=mmap.PROT_READ)) if ring_fd >= 0 else None
     write_all(fd_out, ACK.pack(0, 0, 32) + prev)            # ready
 
     # A reader thread drains the pipe while the main thread is inside a commit, so the node's
