@@ -241,16 +241,21 @@ def _parse_in_shares(parse, starts: np.ndarray, status: np.ndarray, row_line: np
     return good
 
 
-def _apply_journaled(node, requests: np.ndarray, business_date: int, wait: bool = True):
+def _apply_journaled(node, requests: np.ndarray, business_date: int, wait: bool = True, prepare=None):
     """Apply and journal the requests in JOURNAL_BATCH_ROWS batches, pipelined with the writer
     process; return (code, outcome_flags, card_slot) per request once every batch is durable.
     `wait=False`: return (those, ticket) as soon as the last batch is applied; the caller may
     prepare its answer while the last batches commit, and must `node.wait_durable(ticket)`
-    before anything of it leaves (ticket None: nothing was journaled)."""
+    before anything of it leaves (ticket None: nothing was journaled). `prepare(batch)`, when
+    given, completes each batch's rows in place just before it is applied: work done there
+    overlaps the writer's commits of the batches before it instead of preceding them all."""
     out = np.empty(requests.shape[0], dtype=[("code", "<u2"), ("outcome_flags", "u1"), ("card_slot", "<i4")])
     tickets = []
     for first in range(0, requests.shape[0], JOURNAL_BATCH_ROWS):
-        ticket, results = node.submit(requests[first:first + JOURNAL_BATCH_ROWS], business_date)
+        batch = requests[first:first + JOURNAL_BATCH_ROWS]
+        if prepare is not None:
+            prepare(batch)
+        ticket, results = node.submit(batch, business_date)
         part = out[first:first + results.shape[0]]
         part["code"] = results["code"]
         part["outcome_flags"] = results["outcome_flags"]
@@ -315,11 +320,15 @@ def import_issuance(node, keys: CardKeys, data: bytes, encoding: str, business_d
     report.errors.sort(key=lambda e: e.line)
     report.count("refused: bad line", len(report.errors))
     if q.shape[0]:
-        pan_hashes = np.ascontiguousarray(q["pan_hash"])
-        q["pin_pvv"], q["pin_pvv_new"] = _in_threads([lambda: keys.pvv_many(pan_hashes, initial_bank_pin),
-                                                      lambda: keys.pvv_many(pan_hashes, initial_social_pin)])
+        def initial_pins(batch):
+            # the initial PINs' verification values, a batch at a time while the writer commits
+            # the batches before (≈ 0.7 s per 10 M cards when they were computed up front)
+            pan_hashes = np.ascontiguousarray(batch["pan_hash"])
+            batch["pin_pvv"], batch["pin_pvv_new"] = _in_threads([
+                lambda: keys.pvv_many(pan_hashes, initial_bank_pin),
+                lambda: keys.pvv_many(pan_hashes, initial_social_pin)])
         node.engine.reserve(node.engine.card_count + q.shape[0])
-        codes = _apply_journaled(node, q, business_date)["code"]
+        codes = _apply_journaled(node, q, business_date, prepare=initial_pins)["code"]
         report.count("imported", int((codes == rc("00")).sum()))
         report.count("already present", int((codes == rc("94")).sum()))
         refused = []
