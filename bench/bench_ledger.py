@@ -271,24 +271,32 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def test_recovery_from_checkpoint(benchmark, aged_node):
-    """Node.open on the aged journal: checkpoint load + the tail's chain check + replay of the
-    tail. Then, once, the time until the background check of the chain before the checkpoint
-    has finished too (`Node.wait_chain_check`): the node serves during it."""
-    path, records, checkpoint_seq, build_s = aged_node
+def timed_opens(benchmark, path: str, rounds: int, expect: tuple | None = None) -> tuple[list, list, list]:
+    """`rounds` timed Node.open + close of the node at `path`: (wall s, CPU s, state checksum) per
+    round. `expect` = (checkpoint_seq, last_seq) the opened node must report."""
     times: list = []
-    checksums: list = []
     cpu: list = []
+    checksums: list = []
 
     def recover():
         c0 = cpu_seconds()
         node = Node.open(path)
         cpu.append(cpu_seconds() - c0)
         checksums.append(state_checksum(node.engine))
-        assert node.checkpoint_seq == checkpoint_seq and node.journal.last_seq == records
+        if expect is not None:
+            assert (node.checkpoint_seq, node.journal.last_seq) == expect
         node.close()
 
-    benchmark.pedantic(timed(recover, times), rounds=size(2, 3), iterations=1)
+    benchmark.pedantic(timed(recover, times), rounds=rounds, iterations=1)
+    return times, cpu, checksums
+
+
+def test_recovery_from_checkpoint(benchmark, aged_node):
+    """Node.open on the aged journal: checkpoint load + the tail's chain check + replay of the
+    tail. Then, once, the time until the background check of the chain before the checkpoint
+    has finished too (`Node.wait_chain_check`): the node serves during it."""
+    path, records, checkpoint_seq, build_s = aged_node
+    times, cpu, checksums = timed_opens(benchmark, path, size(2, 3), expect=(checkpoint_seq, records))
     assert len(set(checksums)) == 1
     t0 = time.perf_counter()
     node = Node.open(path)
@@ -312,20 +320,8 @@ def test_replay_from_genesis(benchmark, aged_node):
     path, records, _, _ = aged_node
     folder = os.path.join(path, "checkpoints")
     os.rename(folder, folder + ".off")
-    times: list = []
-    checksums: list = []
-
-    cpu: list = []
-
-    def recover():
-        c0 = cpu_seconds()
-        node = Node.open(path)
-        cpu.append(cpu_seconds() - c0)
-        checksums.append(state_checksum(node.engine))
-        node.close()
-
     try:
-        benchmark.pedantic(timed(recover, times), rounds=1, iterations=1)
+        times, cpu, checksums = timed_opens(benchmark, path, 1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)      # open() writes none, but be sure
         os.rename(folder + ".off", folder)

@@ -1214,7 +1214,8 @@ cdef inline void prefetch_start(State* s, const char* rows, Py_ssize_t stride, P
 cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py_ssize_t i,
                                Py_ssize_t count, uint64_t* rev_keys) noexcept nogil:
     """Row i+PREFETCH_AHEAD's index buckets (its reversal key computed here, once, and kept for
-    apply_one) and the ring entry it will evict; row i+PREFETCH_AHEAD/2's card."""
+    apply_one) and the ring entry it will evict; row i+CARD_AHEAD's card lines; the request rows
+    and the ring entry 2·PREFETCH_AHEAD ahead."""
     cdef const Request* q
     cdef Py_ssize_t j = i + PREFETCH_AHEAD
     cdef const char* ahead

@@ -38,10 +38,7 @@ def test_totals_equal_the_engines_results(tmp_path_factory, ops):
                 node.apply_and_append(_cancel(node, q0, r0, 1000 + i))
             else:
                 q0, _ = settled[ref % len(settled)]
-                rev = q0.copy()
-                rev["cmd"] = Cmd.REVERSAL
-                rev["idem_key"] ^= np.uint64(0x4000)
-                node.apply_and_append(rev)
+                node.apply_and_append(_reversal(q0))
         records = node.journal.read()
         con = jobs.connect(jobs.flatten(records), jobs.dimensions(node.engine.config, records))
         t = jobs.totals(con, 20261124, 20261124)
@@ -67,6 +64,14 @@ def _cancel(node, q0, r0, stan):
     q["terminal_index"] = q0["terminal_index"]
     q["institution_index"] = q0["institution_index"]
     return q
+
+
+def _reversal(q0):
+    """冲正 of settlement request q0: the same message as a reversal, under its own duplicate key."""
+    rev = q0.copy()
+    rev["cmd"] = Cmd.REVERSAL
+    rev["idem_key"] ^= np.uint64(0x4000)
+    return rev
 
 
 def test_clearing_example_and_export(tmp_path):

@@ -10,7 +10,7 @@ from yikatong.engine.builders import medical, request
 from yikatong.ledger import jobs
 from yikatong.nodes import init_demo_node
 
-from test_jobs_totals import KEYS, PANS, TERMINALS, _cancel      # the same demo cards and cancel builder
+from test_jobs_totals import KEYS, PANS, TERMINALS, _cancel, _reversal   # the same demo cards and builders
 BD = 20261124
 
 op = st.tuples(st.sampled_from(["settle", "settle", "settle", "cancel", "reverse", "repeat", "replace", "cutover"]),
@@ -62,9 +62,7 @@ def test_scan_equals_sql_path(tmp_path_factory, ops):
                 sent.append(q)
             else:
                 q0, _ = settled[ref % len(settled)]
-                rev = q0.copy()
-                rev["cmd"] = Cmd.REVERSAL
-                rev["idem_key"] ^= np.uint64(0x4000)
+                rev = _reversal(q0)
                 node.apply_and_append(rev)
                 sent.append(rev)
         records = node.journal.read()
