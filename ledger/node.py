@@ -677,6 +677,7 @@ class ChainCheck:
         # the link to the share before: the previous header's hash (or zeros at genesis)
         before = bytes(self.headers[lo - 1]["hash"]) if lo else self.start_hash
         journal = self.journal
+        chain = journal.chain
         batch_no = int(headers["batch_no"][0])
         if self.nice:
             try:
@@ -702,7 +703,7 @@ class ChainCheck:
                     if len(value) != count * size:
                         raise CorruptLedgerError(f"batch {batch_no}: {len(value)} bytes of records, expected "
                                                  f"{count * size} (torn)")
-                    found = batch_hash(prev, value)
+                    found = batch_hash(prev, value, chain)
                     if found != expected:
                         raise CorruptLedgerError(
                             f"batch {batch_no} (sequence {first}…{last}): records hash {found.hex()[:16]}…, "
@@ -714,8 +715,9 @@ class ChainCheck:
             self._found.append((batch_no, 0, e))
 
 
-def check_batch(header, payload: bytes, prev_hash: bytes):
-    """The batch's bytes hash to its header, and the header chains to the previous one."""
+def check_batch(header, payload: bytes, prev_hash: bytes, chain: bytes):
+    """The batch's bytes hash to its header (`chain`: the ledger's Journal.chain), and the header
+    chains to the previous one."""
     batch_no = int(header["batch_no"])
     if bytes(header["prev_hash"]) != prev_hash:
         raise CorruptLedgerError(f"batch {batch_no}: previous hash {bytes(header['prev_hash']).hex()[:16]}…, "
@@ -723,7 +725,7 @@ def check_batch(header, payload: bytes, prev_hash: bytes):
     if len(payload) != int(header["record_count"]) * RECORD_DTYPE.itemsize:
         raise CorruptLedgerError(f"batch {batch_no}: {len(payload)} bytes of records, expected "
                                  f"{int(header['record_count']) * RECORD_DTYPE.itemsize} (torn)")
-    found = batch_hash(prev_hash, payload)
+    found = batch_hash(prev_hash, payload, chain)
     if found != bytes(header["hash"]):
         raise CorruptLedgerError(f"batch {batch_no} (sequence {int(header['first_seq'])}…{int(header['last_seq'])}): "
                                  f"records hash {found.hex()[:16]}…, header says {bytes(header['hash']).hex()[:16]}… "

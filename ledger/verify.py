@@ -62,7 +62,7 @@ def verify(data_dir: str) -> dict:
             if first != next_seq:
                 raise VerifyError(first, next_seq, first, "batch does not continue the sequence")
             try:
-                check_batch(header, payload, prev_hash)
+                check_batch(header, payload, prev_hash, journal.chain)
             except CorruptLedgerError as e:
                 raise VerifyError(first, "matching hashes", "a mismatch", str(e)) from None
             records = np.frombuffer(payload, dtype=RECORD_DTYPE)

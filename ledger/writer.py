@@ -37,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import lmdb
 
@@ -76,13 +77,31 @@ def write_all(fd: int, data) -> None:
 COMMIT_DELAY_S = float(os.environ.get("YIKATONG_FAULT_COMMIT_DELAY_MS", "0") or 0) / 1000
 
 
+class Batch:
+    """One batch on its way from the reader thread to the commit; `hashed` is set once `digest`
+    is (None if hashing failed)."""
+    __slots__ = ("date", "batch_no", "first", "count", "payload", "prev", "digest", "hashed")
+
+    def __init__(self, date: int, batch_no: int, first: int, count: int, payload, prev: bytes):
+        self.date, self.batch_no, self.first, self.count = date, batch_no, first, count
+        self.payload, self.prev, self.digest = payload, prev, None
+        self.hashed = threading.Event()
+
+
 def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_fd: int = -1,
           ring_size_bytes: int = 0) -> int:
-    from .journal import open_env          # the same flags as the node's own handle
+    from .journal import CHAIN_BLAKE2B, CHAINS, ChainHasher, batch_hash, open_env   # the node's own flags and chain
     if COMMIT_DELAY_S:
         sys.stderr.write(f"yikatong writer: FAULT INJECTION: every commit delayed {COMMIT_DELAY_S * 1000:.0f} ms\n")
     env = open_env(journal_path, map_size_bytes, readonly=False)
     journal_db, headers_db = env.open_db(b"journal", create=False), env.open_db(b"headers", create=False)
+    meta_db = env.open_db(b"meta", create=False)
+    with env.begin() as txn:
+        chain_fn = bytes(txn.get(b"chain_hash", db=meta_db) or CHAIN_BLAKE2B)
+    if chain_fn not in CHAINS:                # the node refused to open such a ledger already
+        sys.stderr.write(f"yikatong writer: unknown chain hash {chain_fn!r}\n")
+        env.close()
+        return 6
     with env.begin() as txn:
         cur = txn.cursor(db=headers_db)
         if cur.last():
@@ -99,12 +118,14 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
     # send of batch N+1 does not wait for batch N's fsync (pipelining, DESIGN.md §5).
     inbox: queue.Queue = queue.Queue(maxsize=INBOX_BATCHES_MAX)
 
-    # The reader also computes the hash chain, in arrival order (the order of commits): a ring
-    # batch in one update (hashlib releases the GIL), a pipe batch piece by piece as it comes off
-    # the pipe. The BLAKE2b of a batch (≈ 1.6 ms for 4,096 records) overlaps the previous
-    # commit's fsync instead of adding to this batch's commit. A pipe batch is read into one
-    # preallocated buffer (no join).
+    # The reader also computes the hash chain, in arrival order (the order of commits). A ring
+    # batch is queued first and hashed after, so the main thread copies its records into LMDB
+    # while the hash runs, and the hash (two leaves in tree mode, leaf 1 on `leaf_hasher`;
+    # hashlib releases the GIL) takes about half of the ≈ 1.6 ms a 4,096-record batch cost in one
+    # piece; under pipelining it also overlaps the previous commit's fsync. A pipe batch is read
+    # into one preallocated buffer (no join) and hashed piece by piece as it comes off the pipe.
     chain = [prev]
+    leaf_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-leaf")
 
     def reader():
         while True:
@@ -114,18 +135,21 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                 return
             kind, a, b, c, d, offset = MSG.unpack(head)
             if kind == KIND_APPEND_RING and ring is not None:
-                if offset + d * RECORD_SIZE_BYTES > len(ring):
+                if offset + d * RECORD_SIZE_BYTES > len(ring) or d <= 0:
                     inbox.put(None)            # a programmer error in the node: stop, commit nothing
                     return
-                # the records where the node put them: hashed (hashlib releases the GIL) and,
-                # in the main thread, put into LMDB straight from the ring (no copy here)
-                payload = ring[offset:offset + d * RECORD_SIZE_BYTES]
-                h = hashlib.blake2b(chain[0], digest_size=32)
-                h.update(payload)
-            elif kind == KIND_APPEND:
+                # the records where the node put them: hashed here and, in the main thread, put
+                # into LMDB straight from the ring (no copy here)
+                item = Batch(a, b, c, d, ring[offset:offset + d * RECORD_SIZE_BYTES], chain[0])
+                inbox.put(item)
+                try:
+                    item.digest = batch_hash(item.prev, item.payload, chain_fn, leaf_hasher)
+                finally:
+                    item.hashed.set()          # digest None: the main thread fails the commit
+            elif kind == KIND_APPEND and d > 0:
                 payload = bytearray(d * RECORD_SIZE_BYTES)
                 view = memoryview(payload)
-                h = hashlib.blake2b(chain[0], digest_size=32)
+                h = ChainHasher(chain[0], len(payload), chain_fn)
                 got = 0
                 while got < len(payload):
                     n = os.readv(fd_in, [view[got:]])
@@ -134,12 +158,16 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                         return
                     h.update(view[got:got + n])
                     got += n
+                item = Batch(a, b, c, d, payload, chain[0])
+                item.digest = h.digest()
+                item.hashed.set()
+                inbox.put(item)
             else:
                 inbox.put(None)
                 return
-            digest = h.digest()
-            inbox.put((a, b, c, d, payload, chain[0], digest))
-            chain[0] = digest
+            if item.digest is None:
+                return
+            chain[0] = item.digest
 
     threading.Thread(target=reader, daemon=True).start()
     while True:
@@ -162,11 +190,12 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                 stop = True
                 break
             group.append(more)
-        bno = group[0][1]
+        bno = group[0].batch_no
         try:
             acks = []
             with env.begin(write=True) as txn:
-                for date, bno, first, count, payload, payload_prev, digest in group:
+                for item in group:
+                    date, bno, first, count, payload = item.date, item.batch_no, item.first, item.count, item.payload
                     # Pair assertions before the commit: the node and the stored chain agree.
                     if bno != batch_no + 1 or first != last_seq + 1 or count <= 0:
                         raise RuntimeError(f"batch {bno} (sequences {first}.. count {count}) does not follow "
@@ -177,12 +206,16 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                     (s1,) = struct.unpack_from("<Q", payload, (count - 1) * RECORD_SIZE_BYTES)
                     if (s0, s1) != (first, first + count - 1):
                         raise RuntimeError(f"records carry sequences {s0}..{s1}, the batch says {first}..{first + count - 1}")
-                    assert payload_prev == prev          # the reader chained in commit order
-                    header = HEADER.pack(bno, first, first + count - 1, date, count, prev, digest)
+                    assert item.prev == prev             # the reader chained in commit order
                     # append=True is MDB_APPEND: put returns False (and stores nothing) when the key
                     # is not after the last one, so every return value is checked.
                     if not txn.put(first.to_bytes(8, "big"), payload, db=journal_db, append=True):
                         raise RuntimeError(f"journal put for sequence {first} refused (out of order)")
+                    item.hashed.wait()                   # the header needs the hash: the records are in
+                    digest = item.digest
+                    if digest is None:
+                        raise RuntimeError(f"hashing batch {bno} failed")
+                    header = HEADER.pack(bno, first, first + count - 1, date, count, prev, digest)
                     if not txn.put(bno.to_bytes(8, "big"), header, db=headers_db, append=True):
                         raise RuntimeError(f"header put for batch {bno} refused (out of order)")
                     batch_no, last_seq, business_date, prev = bno, first + count - 1, date, digest
@@ -195,13 +228,13 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                 env.close()
                 return 0
         except lmdb.MapFullError:
-            _fail(fd_out, group[0][1], f"the ledger is full: map_size is {map_size_bytes} bytes. Nothing of batch "
-                               f"{group[0][1]} or later was written and nothing acknowledged is lost. Restart the "
+            _fail(fd_out, group[0].batch_no, f"the ledger is full: map_size is {map_size_bytes} bytes. Nothing of batch "
+                               f"{group[0].batch_no} or later was written and nothing acknowledged is lost. Restart the "
                                f"node with a larger map_size (ledger.map_size_bytes in the config)")
             env.close()
             return 3
         except Exception as e:  # noqa: BLE001 — any failure stops the writer (fail-stop)
-            _fail(fd_out, group[0][1], f"commit failed ({type(e).__name__}: {e}); the node stops (fail-stop)")
+            _fail(fd_out, group[0].batch_no, f"commit failed ({type(e).__name__}: {e}); the node stops (fail-stop)")
             env.close()
             return 4
 
