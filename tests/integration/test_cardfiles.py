@@ -74,6 +74,40 @@ def test_issuance_every_bad_line_and_idempotence(node):
         assert pan(5001) not in e.reason and "110101199001010" not in e.reason
 
 
+def test_issuance_in_chunks_answers_as_one_pass(tmp_path, monkeypatch):
+    """The file is parsed a chunk ahead of the chunk being journaled (cardfiles._line_chunks):
+    with chunks of 3, 6, 8, 8… lines the report, the cards and the journal are those of one pass,
+    and a PAN repeated across chunks is refused with the line of its first good occurrence."""
+    import numpy as np
+    import yikatong.cardfiles as cardfiles
+    extra = [f"{cid(f'1101011990010{k:04d}')},陈{k},110000,310,in_service,{pan(6000 + k)},3012,{k},0\n"
+             for k in range(20)]
+    first_good = issuance_file().splitlines(keepends=True)[1]            # line 2: PAN 5001
+    lines = (issuance_file() + "".join(extra[:10]) + first_good + "".join(extra[10:15]) + extra[3]
+             + extra[12] + extra[12] + "".join(extra[15:]))
+    data = lines.encode()
+    reports, nodes = [], []
+    for name, first, most in (("whole", 1 << 18, 1 << 22), ("chunks", 3, 8)):
+        monkeypatch.setattr(cardfiles, "ISSUE_CHUNK_LINES_FIRST", first)
+        monkeypatch.setattr(cardfiles, "ISSUE_CHUNK_LINES_MAX", most)
+        assert len(cardfiles._line_chunks(data.count(b"\n") - 1)) == (1 if name == "whole" else 6)
+        n = init_demo_node(str(tmp_path / name), 10, business_date=BD, txn_retention_count=1 << 12)
+        reports.append(import_issuance(n, KEYS, data, "utf-8", BD))
+        nodes.append(n)
+    whole, chunked = reports
+    assert chunked.counts == whole.counts == {"imported": 22, "refused: bad line": 12,
+                                              "refused: the person has a live card (一人一卡)": 1}
+    assert [(e.line, e.reason) for e in chunked.errors] == [(e.line, e.reason) for e in whole.errors]
+    by_line = {e.line: e.reason for e in chunked.errors}
+    assert by_line[23] == f"duplicated line: PAN …{pan(5001)[-4:]} already on line 2"       # across chunks
+    assert by_line[29] == f"duplicated line: PAN …{pan(6003)[-4:]} already on line 16"
+    assert by_line[30] == by_line[31] == f"duplicated line: PAN …{pan(6012)[-4:]} already on line 26"
+    a, b = (n.engine.arrays["cards"][:n.engine.card_count] for n in nodes)
+    assert np.array_equal(a, b) and nodes[0].journal.last_seq == nodes[1].journal.last_seq
+    for n in nodes:
+        n.close()
+
+
 def test_wrong_encoding_and_header(node):
     gbk = issuance_file().encode("gbk")
     with pytest.raises(FileFormatError, match="not valid utf-8 .* give --encoding gbk"):
