@@ -171,3 +171,43 @@ def test_parse_in_shares_is_the_one_pass(monkeypatch, threads):
     monkeypatch.setattr(cardfiles, "PARSE_THREADS", threads)
     assert run(disburse_parse, [np.zeros(n, REQUEST_DTYPE), np.zeros(n, np.uint8), np.zeros(0, np.uint64)]) == one
     assert one[0] == 32
+
+
+@pytest.mark.parametrize("fault", [None, "second half", "lead byte before the split", "first half", "no final newline"])
+def test_file_lines_in_two_halves_is_the_one_pass(monkeypatch, fault):
+    """_file_lines checks and splits a file of ≥ FILE_SPLIT_MIN_BYTES in two halves at once: the
+    same line starts, and the same first bad UTF-8 byte, as Python's decoder over the whole."""
+    from yikatong import cardfiles
+    header = ",".join(cardfiles.ISSUE_COLUMNS) + "\n"
+    body = bytearray("".join(f"{k:018d},张{k},110000,310,in_service,{k:016d},3012,0,0\n"
+                             for k in range(30_000)).encode())
+    mid = body.find(b"\n", len(body) // 2 + len(header) // 2)       # where the split will fall
+    if fault == "second half":
+        body[len(body) * 3 // 4] = 0xFF
+    elif fault == "first half":
+        body[len(body) // 4] = 0xC0
+    elif fault == "lead byte before the split":
+        body[mid - 1] = 0xE5
+    elif fault == "no final newline":
+        body = body[:-1]
+    data = header.encode() + bytes(body)
+    try:
+        data.decode("utf-8")
+        expected_bad = None
+    except UnicodeDecodeError as e:
+        expected_bad = e.start
+    results = []
+    for split_min in (1 << 40, 1 << 20):                 # one pass, then two halves
+        monkeypatch.setattr(cardfiles, "FILE_SPLIT_MIN_BYTES", split_min)
+        try:
+            results.append(cardfiles._file_lines(data, "utf-8", cardfiles.ISSUE_COLUMNS)[1])
+        except cardfiles.FileFormatError as e:
+            results.append(str(e))
+    if expected_bad is None:
+        starts = [len(header)] + [len(header) + i + 1 for i, c in enumerate(body) if c == 10]
+        if starts[-1] != len(data):
+            starts.append(len(data) + 1)                 # the last line's virtual '\n'
+        assert results[0].tolist() == results[1].tolist() == starts
+    else:
+        assert results[0] == results[1] == (f"the file is not valid utf-8 (byte {expected_bad}): "
+                                            f"give --encoding gbk if that is what it is")
