@@ -11,7 +11,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 # Reinstall when any source the build reads changes.
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard cli/*.pyx engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd protocols/*.pyx protocols/*.pxd protocols/*.h)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard cli/*.pyx engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd ledger/*.h protocols/*.pyx protocols/*.pxd protocols/*.h)
 # The build runs without isolation so that the extensions compile against the numpy the venv
 # runs (one ABI); its build requirements (pyproject.toml) are therefore installed first.
 $(STAMP): $(VENV)/bin/python $(SOURCES)

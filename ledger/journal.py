@@ -20,7 +20,7 @@ import sys
 import lmdb
 import numpy as np
 
-from . import _mapped, writer
+from . import _chain, _mapped, writer
 from .records import RECORD_DTYPE, RECORD_LAYOUT_VERSION
 
 HEADER_DTYPE = np.dtype([
@@ -48,92 +48,30 @@ def be64(n: int) -> bytes:
 # The hash chain's function, recorded per ledger in meta b"chain_hash" (docs/ledger.md).
 # Ledgers written before the key existed used one sequential BLAKE2b-256 (CHAIN_BLAKE2B) and are
 # still read and extended with it. New ledgers use BLAKE2b's own tree mode (the BLAKE2 paper
-# §2.10, RFC 7693's parameter block) with two leaves: the two halves of a batch are hashed on two
-# threads, so a serial commit of 4,096 records waits about half the BLAKE2b it did (≈ 0.8 of
-# 1.6 ms on this VM, beside the commit's fsync of about 2 ms: bench/README-ledger.md §3).
+# §2.10, RFC 7693's parameter block) with four leaves, computed in C with the four leaves in the
+# lanes of one SIMD register (ledger/_blake2b_tree4.h): 3–4× hashlib's sequential BLAKE2b on one
+# core. The sequential hash was 60 % of the writer process's CPU and, per 4,096-record batch,
+# 1.6–2 ms that a commit waits for (the header holding it is in the same transaction).
 CHAIN_BLAKE2B = b"blake2b-256"
-CHAIN_BLAKE2B_TREE2 = b"blake2b-256-tree2"
-CHAIN_DEFAULT = CHAIN_BLAKE2B_TREE2
-CHAINS = (CHAIN_BLAKE2B, CHAIN_BLAKE2B_TREE2)
-# Below this many record bytes a batch's second leaf is hashed on the calling thread: handing it
-# to another thread costs more (≈ 30–60 µs) than it saves.
-CHAIN_PARALLEL_MIN_BYTES = 256 << 10
+CHAIN_BLAKE2B_TREE4 = b"blake2b-256-tree4"
+CHAIN_DEFAULT = CHAIN_BLAKE2B_TREE4
+CHAINS = (CHAIN_BLAKE2B, CHAIN_BLAKE2B_TREE4)
 
 
-def _tree2_params(message_bytes: int) -> tuple[dict, int]:
-    """Tree parameters for a message (previous hash + records) of this length, and the leaf size:
-    half the message rounded up to BLAKE2b's 128-byte block, so leaf 0 is full and leaf 1 holds
-    the rest (never empty: a batch has at least one 304-byte record)."""
-    half_bytes = -(-message_bytes // 2)
-    leaf_bytes = -(-half_bytes // 128) * 128
-    return dict(digest_size=32, fanout=2, depth=2, leaf_size=leaf_bytes, inner_size=32), leaf_bytes
-
-
-def batch_hash(prev_hash: bytes, records, chain: bytes = CHAIN_DEFAULT, executor=None) -> bytes:
-    """The batch's hash: BLAKE2b-256 over the previous header's hash followed by this batch's
-    record bytes — sequentially (CHAIN_BLAKE2B), or in tree mode with two leaves
-    (CHAIN_BLAKE2B_TREE2: leaf 0 = the message's first `leaf_size` bytes, leaf 1 the rest, the
-    root over the two leaf digests). `executor` (a concurrent.futures executor): leaf 1 is hashed
-    there while this thread hashes leaf 0 (hashlib releases the GIL on buffers ≥ 2 KiB)."""
+def batch_hash(prev_hash: bytes, records, chain: bytes = CHAIN_DEFAULT) -> bytes:
+    """The batch's hash over the previous header's hash followed by this batch's record bytes:
+    BLAKE2b-256 in tree mode with four leaves (CHAIN_BLAKE2B_TREE4), or sequentially
+    (CHAIN_BLAKE2B). Releases the GIL while it hashes."""
     view = memoryview(records).cast("B")
     if not len(view):
         raise ValueError("batch_hash: a batch has at least one record")
+    if chain == CHAIN_BLAKE2B_TREE4:
+        return _chain.tree4(prev_hash, view)
     if chain == CHAIN_BLAKE2B:
         h = hashlib.blake2b(prev_hash, digest_size=32)
         h.update(view)
         return h.digest()
-    if chain != CHAIN_BLAKE2B_TREE2:
-        raise ValueError(f"batch_hash: unknown chain hash {chain!r}")
-    params, leaf_bytes = _tree2_params(len(prev_hash) + len(view))
-    cut = leaf_bytes - len(prev_hash)
-    right = None
-    if executor is not None and len(view) >= CHAIN_PARALLEL_MIN_BYTES:
-        right = executor.submit(_tree2_leaf1, view[cut:], params)
-    left = hashlib.blake2b(prev_hash, node_offset=0, node_depth=0, **params)
-    left.update(view[:cut])
-    right_digest = right.result() if right is not None else _tree2_leaf1(view[cut:], params)
-    return hashlib.blake2b(left.digest() + right_digest, node_offset=0, node_depth=1, last_node=True,
-                           **params).digest()
-
-
-def _tree2_leaf1(view, params: dict) -> bytes:
-    return hashlib.blake2b(view, node_offset=1, node_depth=0, last_node=True, **params).digest()
-
-
-class ChainHasher:
-    """The same hash fed piece by piece, the batch's record length known up front (the writer's
-    pipe path hashes a batch as it comes off the pipe)."""
-
-    def __init__(self, prev_hash: bytes, record_bytes: int, chain: bytes = CHAIN_DEFAULT):
-        self.chain = chain
-        if chain == CHAIN_BLAKE2B:
-            self._left, self._right, self._cut = hashlib.blake2b(prev_hash, digest_size=32), None, record_bytes
-            return
-        if chain != CHAIN_BLAKE2B_TREE2:
-            raise ValueError(f"ChainHasher: unknown chain hash {chain!r}")
-        self._params, leaf_bytes = _tree2_params(len(prev_hash) + record_bytes)
-        self._cut = leaf_bytes - len(prev_hash)          # record bytes that go to leaf 0
-        self._left = hashlib.blake2b(prev_hash, node_offset=0, node_depth=0, **self._params)
-        self._right = hashlib.blake2b(node_offset=1, node_depth=0, last_node=True, **self._params)
-        self._fed = 0
-
-    def update(self, data) -> None:
-        view = memoryview(data).cast("B")
-        if self._right is None:
-            self._left.update(view)
-            return
-        to_left = max(0, min(len(view), self._cut - self._fed))
-        if to_left:
-            self._left.update(view[:to_left])
-        if to_left < len(view):
-            self._right.update(view[to_left:])
-        self._fed += len(view)
-
-    def digest(self) -> bytes:
-        if self._right is None:
-            return self._left.digest()
-        return hashlib.blake2b(self._left.digest() + self._right.digest(), node_offset=0, node_depth=1,
-                               last_node=True, **self._params).digest()
+    raise ValueError(f"batch_hash: unknown chain hash {chain!r}")
 
 
 def open_env(path: str, map_size_bytes: int, readonly: bool) -> lmdb.Environment:

@@ -9,8 +9,8 @@ Journal.wait_durable). The node hands each batch's record bytes over in a shared
 both processes map) and sends only a 40-byte message through the pipe; a batch the ring cannot
 take (too large, or the ring is full of unacknowledged batches) goes through the pipe as before.
 The ring spares the pipe's two copies and a fresh 40 MiB buffer per batch (measured ≈ 0.2 s of
-the writer's CPU per million records). The BLAKE2b of the hash chain is computed here, off the
-node's main thread.
+the writer's CPU per million records). The hash chain (BLAKE2b, docs/ledger.md) is computed
+here, off the node's main thread.
 
 Protocol (little-endian), node → writer:
     APPEND     : u32 kind=1, u32 business_date, u64 batch_no, u64 first_seq, u64 count, u64 0, records
@@ -28,7 +28,6 @@ stdin/stdout are the pipes. It dies with its parent (PR_SET_PDEATHSIG), which LM
 it inherits the node's flock so a new node cannot open the directory while it might commit.
 """
 import ctypes
-import hashlib
 import mmap
 import os
 import queue
@@ -37,7 +36,6 @@ import struct
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import lmdb
 
@@ -90,7 +88,7 @@ class Batch:
 
 def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_fd: int = -1,
           ring_size_bytes: int = 0) -> int:
-    from .journal import CHAIN_BLAKE2B, CHAINS, ChainHasher, batch_hash, open_env   # the node's own flags and chain
+    from .journal import CHAIN_BLAKE2B, CHAINS, batch_hash, open_env   # the node's own flags and chain
     if COMMIT_DELAY_S:
         sys.stderr.write(f"yikatong writer: FAULT INJECTION: every commit delayed {COMMIT_DELAY_S * 1000:.0f} ms\n")
     env = open_env(journal_path, map_size_bytes, readonly=False)
@@ -119,13 +117,11 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
     inbox: queue.Queue = queue.Queue(maxsize=INBOX_BATCHES_MAX)
 
     # The reader also computes the hash chain, in arrival order (the order of commits). A ring
-    # batch is queued first and hashed after, so the main thread copies its records into LMDB
-    # while the hash runs, and the hash (two leaves in tree mode, leaf 1 on `leaf_hasher`;
-    # hashlib releases the GIL) takes about half of the ≈ 1.6 ms a 4,096-record batch cost in one
-    # piece; under pipelining it also overlaps the previous commit's fsync. A pipe batch is read
-    # into one preallocated buffer (no join) and hashed piece by piece as it comes off the pipe.
+    # batch is queued first and hashed after (the C hash releases the GIL), so the main thread
+    # copies its records into LMDB while they are hashed; under pipelining the hash also
+    # overlaps the previous commit's fsync. A pipe batch is read into one preallocated buffer
+    # (no join), then hashed.
     chain = [prev]
-    leaf_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-leaf")
 
     def reader():
         while True:
@@ -143,29 +139,25 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
                 item = Batch(a, b, c, d, ring[offset:offset + d * RECORD_SIZE_BYTES], chain[0])
                 inbox.put(item)
                 try:
-                    item.digest = batch_hash(item.prev, item.payload, chain_fn, leaf_hasher)
+                    item.digest = batch_hash(item.prev, item.payload, chain_fn)
                 finally:
                     item.hashed.set()          # digest None: the main thread fails the commit
             elif kind == KIND_APPEND and d > 0:
                 payload = bytearray(d * RECORD_SIZE_BYTES)
                 view = memoryview(payload)
-                h = ChainHasher(chain[0], len(payload), chain_fn)
                 got = 0
                 while got < len(payload):
                     n = os.readv(fd_in, [view[got:]])
                     if not n:
                         inbox.put(None)        # the node died mid-batch: nothing of it is committed
                         return
-                    h.update(view[got:got + n])
                     got += n
                 item = Batch(a, b, c, d, payload, chain[0])
-                item.digest = h.digest()
+                item.digest = batch_hash(item.prev, payload, chain_fn)
                 item.hashed.set()
                 inbox.put(item)
             else:
                 inbox.put(None)
-                return
-            if item.digest is None:
                 return
             chain[0] = item.digest
 
