@@ -98,7 +98,7 @@ setup(
     python_requires=">=3.11",
     package_dir=PACKAGES,
     packages=list(PACKAGES) + ["yikatong.commands"],
-    package_data={p: ["*.pxd", "*.pyx", "sql/*.sql"] for p in PACKAGES},
+    package_data={p: ["*.pxd", "*.pyx", "*.h", "sql/*.sql"] for p in PACKAGES},
     ext_modules=extensions(),
     install_requires=[
         "numpy>=1.26",
