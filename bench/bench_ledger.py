@@ -33,7 +33,7 @@ from yikatong.engine import Engine
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 from yikatong.ledger import journal as journal_module
-from yikatong.ledger.journal import Journal
+from yikatong.ledger.journal import Journal, batch_hash
 from yikatong.ledger.node import Node
 from yikatong.ledger.records import RECORD_DTYPE, records_from_batch
 
@@ -229,15 +229,15 @@ def state_checksum(engine: Engine) -> str:
 
 
 def breakdown(path: str, first: int) -> dict:
-    """The parts of a recovery measured alone, on this run: one core's BLAKE2b of every journal
-    byte, and the engine's apply_batch of the requests from `first` on (from the checkpoint's
+    """The parts of a recovery measured alone, on this run: one core's chain hash (the ledger's
+    own function, journal.chain: BLAKE2b tree mode) of every journal byte, and the engine's apply_batch of the requests from `first` on (from the checkpoint's
     state, or a fresh engine at genesis)."""
     journal = Journal(path, readonly=True)
     try:
         t0 = time.perf_counter()
         with journal.env.begin(buffers=True) as txn:
             for _, value in txn.cursor(db=journal.journal_db):
-                hashlib.blake2b(value, digest_size=32).digest()
+                batch_hash(bytes(32), value, journal.chain)
         hash_s = time.perf_counter() - t0
         headers = journal.headers()
         import msgspec
