@@ -77,31 +77,34 @@ def records_from(first_seq: int, count: int, seed: int) -> np.ndarray:
     return records
 
 
-def chain_of(journal: Journal, sent: list, chain: bytes) -> None:
+def append_and_reopen(journal: Journal, counts: list, chain: bytes) -> Journal:
+    """Appends a batch of each count — the first in this process, the rest through the writer
+    process — closes, and returns the ledger reopened read-only, its chain checked."""
+    sent = [records_from(1, counts[0], counts[0])]
+    journal.append(sent[0], BD)
+    journal.start_writer()
+    for count in counts[1:]:
+        sent.append(records_from(journal.last_seq + 1, count, count))
+        journal.append(sent[-1], BD)
+    journal.close()
+    reader = Journal(journal.data_dir, readonly=True)
+    assert reader.chain == chain
     prev = bytes(32)
-    headers = journal.headers()
+    headers = reader.headers()
     assert headers.shape[0] == len(sent)
     for header, records in zip(headers, sent):
         assert bytes(header["prev_hash"]) == prev
         prev = batch_hash(prev, records.tobytes(), chain)
         assert bytes(header["hash"]) == prev
+    return reader
 
 
 def test_a_new_ledger_records_tree4_and_the_writer_uses_it(tmp_path):
     journal = Journal(str(tmp_path), create=True)
     assert journal.chain == CHAIN_BLAKE2B_TREE4
-    sent = [records_from(1, 5, 1)]
-    journal.append(sent[0], BD)                              # in this process
-    journal.start_writer()
-    for count in (1000, 1, 3000):                            # through the writer process
-        sent.append(records_from(journal.last_seq + 1, count, count))
-        journal.append(sent[-1], BD)
-    journal.close()
-    reader = Journal(str(tmp_path), readonly=True)
-    assert reader.chain == CHAIN_BLAKE2B_TREE4
+    reader = append_and_reopen(journal, [5, 1000, 1, 3000], CHAIN_BLAKE2B_TREE4)
     with reader.env.begin() as txn:
         assert txn.get(b"chain_hash", db=reader.meta_db) == CHAIN_BLAKE2B_TREE4
-    chain_of(reader, sent, CHAIN_BLAKE2B_TREE4)
     reader.close()
 
 
@@ -112,18 +115,9 @@ def test_a_ledger_from_before_the_key_keeps_the_sequential_chain(tmp_path):
     journal.close()
     journal = Journal(str(tmp_path))
     assert journal.chain == CHAIN_BLAKE2B
-    sent = [records_from(1, 7, 3)]
-    journal.append(sent[0], BD)
-    journal.start_writer()
-    for count in (2000, 2):
-        sent.append(records_from(journal.last_seq + 1, count, count))
-        journal.append(sent[-1], BD)
-    journal.close()
-    reader = Journal(str(tmp_path), readonly=True)
-    assert reader.chain == CHAIN_BLAKE2B
+    reader = append_and_reopen(journal, [7, 2000, 2], CHAIN_BLAKE2B)
     with reader.env.begin() as txn:
         assert txn.get(b"chain_hash", db=reader.meta_db) is None     # nothing rewritten
-    chain_of(reader, sent, CHAIN_BLAKE2B)
     reader.close()
 
 
