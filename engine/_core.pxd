@@ -265,11 +265,14 @@ ctypedef struct CardHot:
     uint8_t tries_bank
     uint8_t aid_beneficiaries      # 家庭共济: cards bound to this one as their payer (kept on the live card)
 
-# The card's year counters and expiry, 8 bytes. Column `years`.
-ctypedef struct CardYear:
+# The rest of what a settlement reads of a card, 16 bytes (four per cache line, so one line per
+# card beside its CardHot line). Column `side`. Kept out of CardHot, whose 64 bytes are full.
+ctypedef struct CardSide:
     uint16_t admissions[2]         # per accumulator group, this year
     uint16_t acc_year              # the year the accumulators belong to
     uint16_t expiry_yymm
+    int32_t payer_slot             # 家庭共济 payer, -1 none; on a REPLACED card: its successor
+    uint32_t pvv_social            # social PIN verification value
 
 cdef enum:
     PAN_STRIDE = 8                 # uint64 words from one card's pan_hash to the next
@@ -280,11 +283,9 @@ ctypedef struct State:
     int64_t card_count
     int64_t card_capacity
     CardHot* cards
-    CardYear* years
+    CardSide* side
     uint64_t* person_hash
-    uint32_t* pvv_social
     uint32_t* pvv_bank
-    int32_t* payer_slot            # 家庭共济 payer, -1 none
     uint32_t* temp_loss_until      # YYYYMMDD after which a temporary loss lapses
     # indexes: open addressing, linear probing, int32 slots (-1 empty), keys compared in columns
     int32_t* pan_index

@@ -236,7 +236,7 @@ cdef inline int visit_kind(uint8_t med_type) noexcept nogil:
 
 
 cdef inline bint accumulators_current(const State* s, int32_t slot) noexcept nogil:
-    return s.years[slot].acc_year == s.batch_year
+    return s.side[slot].acc_year == s.batch_year
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint
         return RC_62
     if need_fin and not (s.cards[slot].card_flags & CF_FIN_ACTIVE):
         return RC_62
-    if s.years[slot].expiry_yymm != 0 and s.years[slot].expiry_yymm < s.batch_yymm:
+    if s.side[slot].expiry_yymm != 0 and s.side[slot].expiry_yymm < s.batch_yymm:
         return RC_54
     return 0
 
@@ -282,7 +282,7 @@ cdef inline int32_t live_slot(const State* s, int32_t slot) noexcept nogil:
     """Follow replacements: the old card of a 补换卡 points at its successor through payer_slot."""
     cdef int hops = 0
     while slot >= 0 and s.cards[slot].status == CARD_REPLACED and hops < 64:
-        slot = s.payer_slot[slot]
+        slot = s.side[slot].payer_slot
         hops += 1
     return slot
 
@@ -296,7 +296,7 @@ cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* 
     """
     cdef uint8_t* tries = &s.cards[slot].tries_social if social else &s.cards[slot].tries_bank
     cdef uint8_t tries_max = s.pin_tries_social_max if social else s.pin_tries_bank_max
-    cdef uint32_t pvv = s.pvv_social[slot] if social else s.pvv_bank[slot]
+    cdef uint32_t pvv = s.side[slot].pvv_social if social else s.pvv_bank[slot]
     cdef bint given = (q.flags & (REQ_PIN | REQ_PIN_REPLAY_OK | REQ_PIN_REPLAY_BAD)) != 0
     cdef bint right
     if not given:
@@ -446,12 +446,12 @@ cdef void settle_post(State* s, int32_t slot, int32_t payer, const Txn* t, int s
     if t.aid_leg_fen != 0 and payer >= 0:
         s.cards[payer].ins_balance_fen -= sign * t.aid_leg_fen
     # Accumulators of another year were reset at New Year: nothing of this one is left to move.
-    if s.years[slot].acc_year == t.business_date // 10000:
+    if s.side[slot].acc_year == t.business_date // 10000:
         s.cards[slot].fund_paid_fen[g] += sign * t.fund_fen
         if t.outcome_flags & RES_CUMULATIVE:
             s.cards[slot].ded_used_fen[g] += sign * t.deductible_fen
         if t.outcome_flags & RES_ADMISSION:
-            s.years[slot].admissions[g] += sign
+            s.side[slot].admissions[g] += sign
 
 
 cdef inline void report_balances(const State* s, int32_t slot, Result* r) noexcept nogil:
@@ -479,7 +479,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     if current:
         ded_used = s.cards[slot].ded_used_fen[g]
         fund_paid = s.cards[slot].fund_paid_fen[g]
-        admissions = s.years[slot].admissions[g]
+        admissions = s.side[slot].admissions[g]
     r.acc_group = g
     if q.flags & REQ_FP:
         # The platform computed the fund (FP): the local policy is skipped (PROTOCOL.md §3.1).
@@ -509,7 +509,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     share_fen = q.amount_fen - fund_fen
     if q.flags & REQ_AU:
         ins_fen = imin(share_fen, s.cards[slot].ins_balance_fen)
-        payer = live_slot(s, s.payer_slot[slot])
+        payer = live_slot(s, s.side[slot].payer_slot)
         if payer >= 0 and card_usable(s, payer, bd):
             aid_fen = imin(share_fen - ins_fen, s.cards[payer].ins_balance_fen)
             if s.limits_fen[LIMIT_FAMILY_AID] > 0:
@@ -550,9 +550,9 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         s.cards[slot].ded_used_fen[1] = 0
         s.cards[slot].fund_paid_fen[0] = 0
         s.cards[slot].fund_paid_fen[1] = 0
-        s.years[slot].admissions[0] = 0
-        s.years[slot].admissions[1] = 0
-        s.years[slot].acc_year = s.batch_year
+        s.side[slot].admissions[0] = 0
+        s.side[slot].admissions[1] = 0
+        s.side[slot].acc_year = s.batch_year
     s.cards[slot].ins_balance_fen -= ins_fen
     s.cards[slot].fin_balance_fen -= fin_fen
     if aid_fen > 0:
@@ -562,7 +562,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     if r.outcome_flags & RES_CUMULATIVE:
         s.cards[slot].ded_used_fen[g] += ded_fen
     if r.outcome_flags & RES_ADMISSION:
-        s.years[slot].admissions[g] += 1
+        s.side[slot].admissions[g] += 1
     r.outcome_flags |= RES_POSTED
     report_balances(s, slot, r)
     return code
@@ -747,9 +747,9 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
     s.cards[slot].card_flags = q.acct_type >> 4
     s.cards[slot].status = q.med_type
     s.pvv_bank[slot] = q.pin_pvv
-    s.pvv_social[slot] = q.pin_pvv_new
-    s.years[slot].expiry_yymm = q.expiry_yymm
-    s.payer_slot[slot] = -1
+    s.side[slot].pvv_social = q.pin_pvv_new
+    s.side[slot].expiry_yymm = q.expiry_yymm
+    s.side[slot].payer_slot = -1
     card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash, slot)
     card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, q.person_hash, slot)
     r.card_slot = slot
@@ -761,16 +761,16 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
 cdef inline void family_unbind(State* s, int32_t slot) noexcept nogil:
     """The card pays no longer through its payer: one beneficiary fewer on the payer's live card
     (the count moves with the payer's card on a replacement, move_card)."""
-    cdef int32_t bound = live_slot(s, s.payer_slot[slot])
+    cdef int32_t bound = live_slot(s, s.side[slot].payer_slot)
     if bound >= 0 and s.cards[bound].aid_beneficiaries > 0:
         s.cards[bound].aid_beneficiaries -= 1
-    s.payer_slot[slot] = -1
+    s.side[slot].payer_slot = -1
 
 
 cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
     """家庭共济: bind (or unbind) the payer whose insurance account pays after the card's own."""
     cdef int32_t payer
-    cdef int32_t bound = live_slot(s, s.payer_slot[slot])     # the payer now, -1 none
+    cdef int32_t bound = live_slot(s, s.side[slot].payer_slot)     # the payer now, -1 none
     if q.cmd == CMD_FAMILY_UNBIND:
         family_unbind(s, slot)
         r.outcome_flags |= RES_POSTED
@@ -787,7 +787,7 @@ cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, ui
             return RC_65                 # this payer covers as many beneficiaries as allowed
         family_unbind(s, slot)
         s.cards[payer].aid_beneficiaries += 1
-    s.payer_slot[slot] = payer
+    s.side[slot].payer_slot = payer
     r.other_slot = payer
     r.outcome_flags |= RES_POSTED
     return RC_00
@@ -828,8 +828,8 @@ cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     s.cards[old].fin_balance_fen = 0
     memcpy(s.cards[new].ded_used_fen, s.cards[old].ded_used_fen, 2 * sizeof(int64_t))
     memcpy(s.cards[new].fund_paid_fen, s.cards[old].fund_paid_fen, 2 * sizeof(int64_t))
-    memcpy(s.years[new].admissions, s.years[old].admissions, 2 * sizeof(uint16_t))
-    s.years[new].acc_year = s.years[old].acc_year
+    memcpy(s.side[new].admissions, s.side[old].admissions, 2 * sizeof(uint16_t))
+    s.side[new].acc_year = s.side[old].acc_year
     s.person_hash[new] = s.person_hash[old]
     s.cards[new].region_index = s.cards[old].region_index
     s.cards[new].ins_type_index = s.cards[old].ins_type_index
@@ -837,11 +837,11 @@ cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     s.cards[new].card_flags = s.cards[old].card_flags & ~(CF_STOLEN | CF_SOCIAL_PIN)
     s.cards[new].aid_beneficiaries = s.cards[old].aid_beneficiaries   # its beneficiaries follow live_slot
     s.cards[old].aid_beneficiaries = 0
-    s.years[new].expiry_yymm = s.years[old].expiry_yymm
-    s.payer_slot[new] = s.payer_slot[old]
+    s.side[new].expiry_yymm = s.side[old].expiry_yymm
+    s.side[new].payer_slot = s.side[old].payer_slot
     s.cards[new].status = CARD_ACTIVE
     s.cards[old].status = CARD_REPLACED
-    s.payer_slot[old] = new               # the forward pointer live_slot follows
+    s.side[old].payer_slot = new               # the forward pointer live_slot follows
     card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, s.person_hash[new], new)
 
 
@@ -893,7 +893,7 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
         card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash, other)
         move_card(s, slot, other)
         s.pvv_bank[other] = q.pin_pvv
-        s.pvv_social[other] = q.pin_pvv_new
+        s.side[other].pvv_social = q.pin_pvv_new
         r.other_slot = other
         r.other_balance_fen = s.cards[other].fin_balance_fen
     elif cmd == CMD_CANCEL_CARD:
@@ -922,13 +922,13 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
         if code != 0:
             return code
         if social:
-            s.pvv_social[slot] = q.pin_pvv_new
+            s.side[slot].pvv_social = q.pin_pvv_new
             s.cards[slot].card_flags |= CF_SOCIAL_PIN     # changed from the initial value: enabled
         else:
             s.pvv_bank[slot] = q.pin_pvv_new
     elif cmd == CMD_PIN_RESET:
         if social:
-            s.pvv_social[slot] = q.pin_pvv_new
+            s.side[slot].pvv_social = q.pin_pvv_new
             s.cards[slot].tries_social = 0
             s.cards[slot].card_flags &= ~CF_SOCIAL_PIN    # back to an initial PIN: not enabled
         else:
@@ -1171,9 +1171,7 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     cdef int32_t slot = s.pan_index[q.pan_hash & s.pan_index_mask]
     if slot >= 0:
         prefetch(&s.cards[slot])
-        prefetch(&s.years[slot])
-        prefetch(&s.payer_slot[slot])
-        prefetch(&s.pvv_social[slot])
+        prefetch(&s.side[slot])         # year counters, expiry, payer, social PVV: one line
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
@@ -1339,10 +1337,11 @@ def _offsets_card_hot():
     }
 
 
-def _offsets_card_year():
-    cdef CardYear x
+def _offsets_card_side():
+    cdef CardSide x
     cdef char* b = <char*>&x
-    return sizeof(CardYear), {"acc_year": <char*>&x.acc_year - b, "expiry_yymm": <char*>&x.expiry_yymm - b}
+    return sizeof(CardSide), {"acc_year": <char*>&x.acc_year - b, "expiry_yymm": <char*>&x.expiry_yymm - b,
+                              "payer_slot": <char*>&x.payer_slot - b, "pvv_social": <char*>&x.pvv_social - b}
 
 
 cdef inline void* _ptr(cnp.ndarray a):
@@ -1404,11 +1403,11 @@ cdef class Core:
         if cnp.PyArray_DATA(a["cards"]) == NULL or (<size_t>cnp.PyArray_DATA(a["cards"])) % 64 != 0:
             a["cards"] = aligned_copy(a["cards"])      # one card, one cache line
         self.s.cards = <CardHot*>_ptr(a["cards"])
-        self.s.years = <CardYear*>_ptr(a["years"])
+        if cnp.PyArray_DATA(a["side"]) == NULL or (<size_t>cnp.PyArray_DATA(a["side"])) % 16 != 0:
+            a["side"] = aligned_copy(a["side"])        # a record never straddles two lines
+        self.s.side = <CardSide*>_ptr(a["side"])
         self.s.person_hash = <uint64_t*>_ptr(a["person_hash"])
-        self.s.pvv_social = <uint32_t*>_ptr(a["pvv_social"])
         self.s.pvv_bank = <uint32_t*>_ptr(a["pvv_bank"])
-        self.s.payer_slot = <int32_t*>_ptr(a["payer_slot"])
         self.s.temp_loss_until = <uint32_t*>_ptr(a["temp_loss_until"])
         self.s.pan_index = <int32_t*>_ptr(a["pan_index"])
         self.s.pan_index_mask = a["pan_index"].shape[0] - 1

@@ -57,13 +57,14 @@ CARD_HOT_DTYPE = np.dtype([
     ("status", "u1"), ("card_flags", "u1"), ("region_index", "u1"), ("ins_type_index", "u1"),
     ("person_type", "u1"), ("tries_social", "u1"), ("tries_bank", "u1"), ("aid_beneficiaries", "u1"),
 ])
-CARD_YEAR_DTYPE = np.dtype([("admissions", "<u2", (2,)), ("acc_year", "<u2"), ("expiry_yymm", "<u2")])
+CARD_SIDE_DTYPE = np.dtype([("admissions", "<u2", (2,)), ("acc_year", "<u2"), ("expiry_yymm", "<u2"),
+                            ("payer_slot", "<i4"), ("pvv_social", "<u4")])
 
 
 def _check():
     for dtype, probe in ((REQUEST_DTYPE, _core._offsets_request), (RESULT_DTYPE, _core._offsets_result),
                          (TXN_DTYPE, _core._offsets_txn), (POLICY_DTYPE, _core._offsets_policy),
-                         (CARD_HOT_DTYPE, _core._offsets_card_hot), (CARD_YEAR_DTYPE, _core._offsets_card_year)):
+                         (CARD_HOT_DTYPE, _core._offsets_card_hot), (CARD_SIDE_DTYPE, _core._offsets_card_side)):
         size, offsets = probe()
         assert dtype.itemsize == size, f"{dtype}: numpy itemsize {dtype.itemsize}, C sizeof {size}"
         for name, offset in offsets.items():
