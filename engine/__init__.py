@@ -13,7 +13,7 @@ from . import _core
 from .config import NodeConfig
 from .layouts import (REQUEST_DTYPE, RESULT_DTYPE, TXN_DTYPE, POLICY_DTYPE, Cmd, ReqFlag,
                       ResFlag, CardStatus, CardFlag, InstKind, rc, rc_str, codes_of)
-from .state import (new_state, card_arrays, card_bytes, upgrade_card_columns, META_CARD_COUNT,
+from .state import (new_state, card_arrays, card_bytes, upgrade_arrays, META_CARD_COUNT,
                     META_WARNINGS, META_TXN_COUNT, ConfigError)
 
 log = logging.getLogger("yikatong.engine")
@@ -64,7 +64,7 @@ class Engine:
     def __init__(self, config: NodeConfig, card_capacity: int = 1024,
                  txn_retention_count: int = 1 << 20, arrays: dict | None = None):
         self.config = config
-        self.arrays = (upgrade_card_columns(arrays) if arrays is not None
+        self.arrays = (upgrade_arrays(arrays) if arrays is not None
                        else new_state(config, card_capacity, txn_retention_count))
         self.core = _core.Core(self.arrays)
         self.terminal_index = {t.terminal_id: i for i, t in enumerate(config.terminals)}

@@ -345,22 +345,25 @@ cdef inline void txn_make_room(State* s) noexcept nogil:
 cdef Txn* txn_new(State* s, const Request* q, Result* r, int64_t idem_bucket, uint64_t rev_key,
                   int64_t rev_bucket) noexcept nogil:
     """Record a processed message in the ring (assigns its RRN) and in the indexes, at the
-    buckets the lookups found (NO_BUCKET: not indexed)."""
+    buckets the lookups found (NO_BUCKET: not indexed).
+
+    The entry is not cleared: txn_store_result writes its Result-shaped prefix whole at the end
+    of the message, and the fields below are the rest. Until then the prefix holds the evicted
+    entry's bytes; what could read it meanwhile — txn_by_rrn of this very RRN from the message
+    itself — sees `cmd` (set here), never an original's command, and answers 25."""
     cdef uint64_t rrn = s.counters[0] + 1
     cdef int32_t pos = <int32_t>(rrn & s.txn_mask)
     cdef Txn* t = &s.txns[pos]
     s.counters[0] = rrn
-    memset(t, 0, sizeof(Txn))
     t.rrn = rrn
+    t.cmd = q.cmd
+    t.state = TXN_OPEN
+    t.refunded_fen = 0
     t.idem_key = q.idem_key if idem_bucket != NO_BUCKET else 0
     t.content_hash = q.content_hash
-    t.cmd = q.cmd
+    t.rev_key = 0
     t.stan = q.stan
     t.batch_no = q.batch_no
-    t.terminal_index = q.terminal_index
-    t.business_date = r.business_date
-    t.card_slot = -1
-    t.other_slot = -1
     if idem_bucket != NO_BUCKET:
         s.idem_index[idem_bucket].key = q.idem_key
         s.idem_index[idem_bucket].pos = pos
@@ -373,44 +376,21 @@ cdef Txn* txn_new(State* s, const Request* q, Result* r, int64_t idem_bucket, ui
 
 
 cdef inline void txn_store_result(Txn* t, const Result* r) noexcept nogil:
-    t.code = r.code
-    t.outcome_flags = r.outcome_flags
-    t.acc_group = r.acc_group
-    t.orig_rrn = r.orig_rrn
-    t.amount_fen = r.amount_fen
-    t.fund_fen = r.fund_fen
-    t.deductible_fen = r.deductible_fen
-    t.ins_leg_fen = r.ins_leg_fen
-    t.aid_leg_fen = r.aid_leg_fen
-    t.fin_leg_fen = r.fin_leg_fen
-    t.cash_fen = r.cash_fen
-    t.ins_balance_fen = r.ins_balance_fen
-    t.fin_balance_fen = r.fin_balance_fen
-    t.other_balance_fen = r.other_balance_fen
-    t.card_slot = r.card_slot
-    t.other_slot = r.other_slot
-    t.auth_code = r.auth_code
+    """The answer, into the entry's Result-shaped prefix; `state` becomes TXN_OPEN (a Result's
+    reserved0 is always 0)."""
+    memcpy(t, r, TXN_RESULT_BYTES)
 
 
-cdef inline void answer_from_txn(const Txn* t, Result* r) noexcept nogil:
-    """A repeat of a processed key gets the stored answer (PROTOCOL.md §3.2), no new effect."""
-    r.rrn = t.rrn
+cdef inline void answer_from_txn(const Txn* t, Result* r, uint32_t bd, uint8_t cmd) noexcept nogil:
+    """A repeat of a processed key gets the stored answer (PROTOCOL.md §3.2), no new effect:
+    the stored Result, but under today's date and the repeat's command, no PIN checked, and
+    the original's RRN as orig_rrn."""
+    memcpy(r, t, TXN_RESULT_BYTES)
     r.orig_rrn = t.rrn
-    r.code = t.code
-    r.acc_group = t.acc_group
-    r.amount_fen = t.amount_fen
-    r.fund_fen = t.fund_fen
-    r.deductible_fen = t.deductible_fen
-    r.ins_leg_fen = t.ins_leg_fen
-    r.aid_leg_fen = t.aid_leg_fen
-    r.fin_leg_fen = t.fin_leg_fen
-    r.cash_fen = t.cash_fen
-    r.ins_balance_fen = t.ins_balance_fen
-    r.fin_balance_fen = t.fin_balance_fen
-    r.other_balance_fen = t.other_balance_fen
-    r.card_slot = t.card_slot
-    r.other_slot = t.other_slot
-    r.auth_code = t.auth_code
+    r.business_date = bd
+    r.cmd = cmd
+    r.pin_outcome = 0
+    r.reserved0 = 0
     r.outcome_flags = RES_DUPLICATE
 
 
@@ -1014,7 +994,7 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd, uint
             t = &s.txns[pos]
             if t.content_hash != q.content_hash:
                 return RC_94
-            answer_from_txn(t, r)
+            answer_from_txn(t, r, bd, q.cmd)
             return r.code
     if lifecycle and q.idem_key == 0:
         t = NULL
@@ -1033,17 +1013,18 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd, uint
                 return RC_25
         t = txn_new(s, q, r, idem_bucket, rev_key, rev_bucket)
     code = apply_checked(s, q, r, bd)
-    if cmd == CMD_REVERSAL and (r.outcome_flags & RES_TOMBSTONE) and t != NULL:
-        t.rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
-        t.state = TXN_TOMBSTONE
-        txn_index_set(s, 1, t.rev_key, <int32_t>(t.rrn & s.txn_mask))   # rare: probe again
-    if approved(code) and t != NULL:
-        r.auth_code = <uint32_t>(t.rrn % 1000000)
-        if r.auth_code == 0:
-            r.auth_code = 1
     r.code = code
     if t != NULL:
+        if approved(code):
+            r.auth_code = <uint32_t>(t.rrn % 1000000)
+            if r.auth_code == 0:
+                r.auth_code = 1
         txn_store_result(t, r)
+        if cmd == CMD_REVERSAL and (r.outcome_flags & RES_TOMBSTONE):
+            # after the store, which sets the state byte
+            t.rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+            t.state = TXN_TOMBSTONE
+            txn_index_set(s, 1, t.rev_key, <int32_t>(t.rrn & s.txn_mask))   # rare: probe again
     return code
 
 
@@ -1312,10 +1293,12 @@ def _offsets_txn():
     cdef Txn x
     cdef char* b = <char*>&x
     return sizeof(Txn), {
-        "rev_key": <char*>&x.rev_key - b, "other_balance_fen": <char*>&x.other_balance_fen - b,
+        "rrn": <char*>&x.rrn - b, "other_balance_fen": <char*>&x.other_balance_fen - b,
         "card_slot": <char*>&x.card_slot - b, "auth_code": <char*>&x.auth_code - b,
-        "code": <char*>&x.code - b, "acc_group": <char*>&x.acc_group - b,
-    }
+        "code": <char*>&x.code - b, "acc_group": <char*>&x.acc_group - b, "state": <char*>&x.state - b,
+        "refunded_fen": <char*>&x.refunded_fen - b, "rev_key": <char*>&x.rev_key - b,
+        "batch_no": <char*>&x.batch_no - b,
+    }, TXN_RESULT_BYTES
 
 
 def _offsets_policy():

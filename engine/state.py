@@ -56,18 +56,38 @@ def card_arrays(capacity: int) -> dict:
     return arrays
 
 
-def upgrade_card_columns(arrays: dict) -> dict:
-    """Arrays saved before the `side` column (a checkpoint of an older build: separate `years`,
-    `payer_slot` and `pvv_social` columns) in today's layout, in place; others unchanged."""
-    if "side" in arrays or "years" not in arrays:
-        return arrays
-    side = np.zeros(arrays["years"].shape[0], dtype=CARD_SIDE_DTYPE)
-    for name in ("admissions", "acc_year", "expiry_yymm"):
-        side[name] = arrays["years"][name]
-    side["payer_slot"] = arrays.pop("payer_slot")
-    side["pvv_social"] = arrays.pop("pvv_social")
-    del arrays["years"]
-    arrays["side"] = _core.aligned_copy(side)
+# The ring entry of builds before 2026-11-30 (168 bytes), read by upgrade_arrays.
+_TXN_DTYPE_168 = np.dtype([
+    ("idem_key", "<u8"), ("content_hash", "<u8"), ("rev_key", "<u8"), ("rrn", "<u8"),
+    ("orig_rrn", "<u8"), ("amount_fen", "<i8"), ("fund_fen", "<i8"), ("deductible_fen", "<i8"),
+    ("ins_leg_fen", "<i8"), ("aid_leg_fen", "<i8"), ("fin_leg_fen", "<i8"), ("cash_fen", "<i8"),
+    ("refunded_fen", "<i8"), ("ins_balance_fen", "<i8"), ("fin_balance_fen", "<i8"),
+    ("other_balance_fen", "<i8"), ("card_slot", "<i4"), ("other_slot", "<i4"),
+    ("business_date", "<u4"), ("stan", "<u4"), ("batch_no", "<u4"), ("terminal_index", "<i4"),
+    ("auth_code", "<u4"), ("code", "<u2"), ("cmd", "u1"), ("state", "u1"),
+    ("outcome_flags", "u1"), ("acc_group", "u1"), ("reserved0", "u1", (6,)),
+])
+
+
+def upgrade_arrays(arrays: dict) -> dict:
+    """Arrays saved by an older build (a checkpoint) in today's layout, in place: the separate
+    `years`, `payer_slot` and `pvv_social` columns folded into `side`, and a 168-byte
+    transaction ring rewritten field by field as today's 160-byte entries. Others unchanged."""
+    if "side" not in arrays and "years" in arrays:
+        side = np.zeros(arrays["years"].shape[0], dtype=CARD_SIDE_DTYPE)
+        for name in ("admissions", "acc_year", "expiry_yymm"):
+            side[name] = arrays["years"][name]
+        side["payer_slot"] = arrays.pop("payer_slot")
+        side["pvv_social"] = arrays.pop("pvv_social")
+        del arrays["years"]
+        arrays["side"] = _core.aligned_copy(side)
+    if "txns" in arrays and arrays["txns"].dtype == _TXN_DTYPE_168:
+        old = arrays["txns"]
+        txns = np.zeros(old.shape[0], dtype=TXN_DTYPE)
+        for name in TXN_DTYPE.names:
+            if name != "reserved0":
+                txns[name] = old[name]
+        arrays["txns"] = txns
     return arrays
 
 
