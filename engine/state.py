@@ -85,7 +85,7 @@ def upgrade_arrays(arrays: dict) -> dict:
         old = arrays["txns"]
         txns = np.zeros(old.shape[0], dtype=TXN_DTYPE)
         for name in TXN_DTYPE.names:
-            if name != "reserved0":
+            if name in old.dtype.names and name != "reserved0":   # new: pin_outcome (0 = not kept)
                 txns[name] = old[name]
         arrays["txns"] = txns
     return arrays

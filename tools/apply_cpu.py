@@ -29,8 +29,9 @@ def main():
     ap.add_argument("--count", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steady", action="store_true", help="fill a 2^18-entry table first")
+    ap.add_argument("--retention", type=int, default=0, help="transaction table size (default 2^20, 2^18 with --steady)")
     args = ap.parse_args()
-    retention = 1 << 18 if args.steady else 1 << 20
+    retention = args.retention or (1 << 18 if args.steady else 1 << 20)
     template = build_engine(args.cards, retention=retention)
     pan_hashes = generated_pan_hashes(KEYS, args.cards)
     if args.steady:
