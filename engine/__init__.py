@@ -13,8 +13,8 @@ from . import _core
 from .config import NodeConfig
 from .layouts import (REQUEST_DTYPE, RESULT_DTYPE, TXN_DTYPE, POLICY_DTYPE, Cmd, ReqFlag,
                       ResFlag, CardStatus, CardFlag, InstKind, rc, rc_str, codes_of)
-from .state import (new_state, card_arrays, card_bytes, META_CARD_COUNT, META_WARNINGS,
-                    META_TXN_COUNT, ConfigError)
+from .state import (new_state, card_arrays, card_bytes, upgrade_arrays, META_CARD_COUNT,
+                    META_WARNINGS, META_TXN_COUNT, ConfigError)
 
 log = logging.getLogger("yikatong.engine")
 
@@ -64,7 +64,8 @@ class Engine:
     def __init__(self, config: NodeConfig, card_capacity: int = 1024,
                  txn_retention_count: int = 1 << 20, arrays: dict | None = None):
         self.config = config
-        self.arrays = arrays if arrays is not None else new_state(config, card_capacity, txn_retention_count)
+        self.arrays = (upgrade_arrays(arrays) if arrays is not None
+                       else new_state(config, card_capacity, txn_retention_count))
         self.core = _core.Core(self.arrays)
         self.terminal_index = {t.terminal_id: i for i, t in enumerate(config.terminals)}
         self.institution_index = {x.code: i for i, x in enumerate(config.institutions)}
@@ -153,7 +154,7 @@ class Engine:
 
     def column(self, name: str) -> np.ndarray:
         """A card field as a (strided) view over the card slots in use: `column("status")`."""
-        for table in ("cards", "years"):
+        for table in ("cards", "side"):
             if name in self.arrays[table].dtype.names:
                 return self.arrays[table][name][:self.card_count]
         return self.arrays[name][:self.card_count]

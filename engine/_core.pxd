@@ -196,11 +196,10 @@ ctypedef struct Result:
     int64_t reserved1
 
 # One processed message in the bounded transaction table: idempotency, reversal matching,
-# originals of void / cancel / refund. 168 bytes.
+# originals of void / cancel / refund. 160 bytes. Its first TXN_RESULT_BYTES are laid out as a
+# Result's (asserted in engine/layouts.py): the answer is stored with one copy, and a duplicate
+# is answered with one copy back; Result's reserved0 is the entry's state here.
 ctypedef struct Txn:
-    uint64_t idem_key
-    uint64_t content_hash
-    uint64_t rev_key           # (terminal, batch, stan) of a reversible command, or a tombstone
     uint64_t rrn
     uint64_t orig_rrn
     int64_t amount_fen
@@ -210,23 +209,30 @@ ctypedef struct Txn:
     int64_t aid_leg_fen
     int64_t fin_leg_fen
     int64_t cash_fen
-    int64_t refunded_fen
     int64_t ins_balance_fen
     int64_t fin_balance_fen
     int64_t other_balance_fen
     int32_t card_slot
     int32_t other_slot
     uint32_t business_date
-    uint32_t stan
-    uint32_t batch_no
-    int32_t terminal_index
     uint32_t auth_code
     uint16_t code
     uint8_t cmd
-    uint8_t state
+    uint8_t pin_outcome
     uint8_t outcome_flags
     uint8_t acc_group
-    uint8_t reserved0[6]
+    uint8_t state                  # TXN_* (where a Result has reserved0)
+    uint8_t reserved0
+    # the ring's own fields, from TXN_RESULT_BYTES on
+    int64_t refunded_fen
+    uint64_t idem_key              # 0: not in the idempotency index
+    uint64_t content_hash
+    uint64_t rev_key               # (terminal, batch, stan) of a reversible command, or a tombstone
+    uint32_t stan
+    uint32_t batch_no
+
+cdef enum:
+    TXN_RESULT_BYTES = 120         # offsetof(Txn, refunded_fen): the Result-shaped prefix
 
 # A bucket of the transaction indexes: the key is kept beside the ring position, so probing never
 # touches the ring (one cache line per probe instead of two). 16 bytes.
@@ -265,11 +271,14 @@ ctypedef struct CardHot:
     uint8_t tries_bank
     uint8_t aid_beneficiaries      # 家庭共济: cards bound to this one as their payer (kept on the live card)
 
-# The card's year counters and expiry, 8 bytes. Column `years`.
-ctypedef struct CardYear:
+# The rest of what a settlement reads of a card, 16 bytes (four per cache line, so one line per
+# card beside its CardHot line). Column `side`. Kept out of CardHot, whose 64 bytes are full.
+ctypedef struct CardSide:
     uint16_t admissions[2]         # per accumulator group, this year
     uint16_t acc_year              # the year the accumulators belong to
     uint16_t expiry_yymm
+    int32_t payer_slot             # 家庭共济 payer, -1 none; on a REPLACED card: its successor
+    uint32_t pvv_social            # social PIN verification value
 
 cdef enum:
     PAN_STRIDE = 8                 # uint64 words from one card's pan_hash to the next
@@ -280,11 +289,9 @@ ctypedef struct State:
     int64_t card_count
     int64_t card_capacity
     CardHot* cards
-    CardYear* years
+    CardSide* side
     uint64_t* person_hash
-    uint32_t* pvv_social
     uint32_t* pvv_bank
-    int32_t* payer_slot            # 家庭共济 payer, -1 none
     uint32_t* temp_loss_until      # YYYYMMDD after which a temporary loss lapses
     # indexes: open addressing, linear probing, int32 slots (-1 empty), keys compared in columns
     int32_t* pan_index

@@ -236,7 +236,7 @@ cdef inline int visit_kind(uint8_t med_type) noexcept nogil:
 
 
 cdef inline bint accumulators_current(const State* s, int32_t slot) noexcept nogil:
-    return s.years[slot].acc_year == s.batch_year
+    return s.side[slot].acc_year == s.batch_year
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ cdef inline uint16_t card_gate(const State* s, int32_t slot, bint need_fin, uint
         return RC_62
     if need_fin and not (s.cards[slot].card_flags & CF_FIN_ACTIVE):
         return RC_62
-    if s.years[slot].expiry_yymm != 0 and s.years[slot].expiry_yymm < s.batch_yymm:
+    if s.side[slot].expiry_yymm != 0 and s.side[slot].expiry_yymm < s.batch_yymm:
         return RC_54
     return 0
 
@@ -282,7 +282,7 @@ cdef inline int32_t live_slot(const State* s, int32_t slot) noexcept nogil:
     """Follow replacements: the old card of a 补换卡 points at its successor through payer_slot."""
     cdef int hops = 0
     while slot >= 0 and s.cards[slot].status == CARD_REPLACED and hops < 64:
-        slot = s.payer_slot[slot]
+        slot = s.side[slot].payer_slot
         hops += 1
     return slot
 
@@ -296,7 +296,7 @@ cdef inline uint16_t pin_gate(State* s, int32_t slot, const Request* q, Result* 
     """
     cdef uint8_t* tries = &s.cards[slot].tries_social if social else &s.cards[slot].tries_bank
     cdef uint8_t tries_max = s.pin_tries_social_max if social else s.pin_tries_bank_max
-    cdef uint32_t pvv = s.pvv_social[slot] if social else s.pvv_bank[slot]
+    cdef uint32_t pvv = s.side[slot].pvv_social if social else s.pvv_bank[slot]
     cdef bint given = (q.flags & (REQ_PIN | REQ_PIN_REPLAY_OK | REQ_PIN_REPLAY_BAD)) != 0
     cdef bint right
     if not given:
@@ -345,22 +345,25 @@ cdef inline void txn_make_room(State* s) noexcept nogil:
 cdef Txn* txn_new(State* s, const Request* q, Result* r, int64_t idem_bucket, uint64_t rev_key,
                   int64_t rev_bucket) noexcept nogil:
     """Record a processed message in the ring (assigns its RRN) and in the indexes, at the
-    buckets the lookups found (NO_BUCKET: not indexed)."""
+    buckets the lookups found (NO_BUCKET: not indexed).
+
+    The entry is not cleared: txn_store_result writes its Result-shaped prefix whole at the end
+    of the message, and the fields below are the rest. Until then the prefix holds the evicted
+    entry's bytes; what could read it meanwhile — txn_by_rrn of this very RRN from the message
+    itself — sees `cmd` (set here), never an original's command, and answers 25."""
     cdef uint64_t rrn = s.counters[0] + 1
     cdef int32_t pos = <int32_t>(rrn & s.txn_mask)
     cdef Txn* t = &s.txns[pos]
     s.counters[0] = rrn
-    memset(t, 0, sizeof(Txn))
     t.rrn = rrn
+    t.cmd = q.cmd
+    t.state = TXN_OPEN
+    t.refunded_fen = 0
     t.idem_key = q.idem_key if idem_bucket != NO_BUCKET else 0
     t.content_hash = q.content_hash
-    t.cmd = q.cmd
+    t.rev_key = 0
     t.stan = q.stan
     t.batch_no = q.batch_no
-    t.terminal_index = q.terminal_index
-    t.business_date = r.business_date
-    t.card_slot = -1
-    t.other_slot = -1
     if idem_bucket != NO_BUCKET:
         s.idem_index[idem_bucket].key = q.idem_key
         s.idem_index[idem_bucket].pos = pos
@@ -373,44 +376,21 @@ cdef Txn* txn_new(State* s, const Request* q, Result* r, int64_t idem_bucket, ui
 
 
 cdef inline void txn_store_result(Txn* t, const Result* r) noexcept nogil:
-    t.code = r.code
-    t.outcome_flags = r.outcome_flags
-    t.acc_group = r.acc_group
-    t.orig_rrn = r.orig_rrn
-    t.amount_fen = r.amount_fen
-    t.fund_fen = r.fund_fen
-    t.deductible_fen = r.deductible_fen
-    t.ins_leg_fen = r.ins_leg_fen
-    t.aid_leg_fen = r.aid_leg_fen
-    t.fin_leg_fen = r.fin_leg_fen
-    t.cash_fen = r.cash_fen
-    t.ins_balance_fen = r.ins_balance_fen
-    t.fin_balance_fen = r.fin_balance_fen
-    t.other_balance_fen = r.other_balance_fen
-    t.card_slot = r.card_slot
-    t.other_slot = r.other_slot
-    t.auth_code = r.auth_code
+    """The answer, into the entry's Result-shaped prefix; `state` becomes TXN_OPEN (a Result's
+    reserved0 is always 0)."""
+    memcpy(t, r, TXN_RESULT_BYTES)
 
 
-cdef inline void answer_from_txn(const Txn* t, Result* r) noexcept nogil:
-    """A repeat of a processed key gets the stored answer (PROTOCOL.md §3.2), no new effect."""
-    r.rrn = t.rrn
+cdef inline void answer_from_txn(const Txn* t, Result* r, uint32_t bd, uint8_t cmd) noexcept nogil:
+    """A repeat of a processed key gets the stored answer (PROTOCOL.md §3.2), no new effect:
+    the stored Result, but under today's date and the repeat's command, no PIN checked, and
+    the original's RRN as orig_rrn."""
+    memcpy(r, t, TXN_RESULT_BYTES)
     r.orig_rrn = t.rrn
-    r.code = t.code
-    r.acc_group = t.acc_group
-    r.amount_fen = t.amount_fen
-    r.fund_fen = t.fund_fen
-    r.deductible_fen = t.deductible_fen
-    r.ins_leg_fen = t.ins_leg_fen
-    r.aid_leg_fen = t.aid_leg_fen
-    r.fin_leg_fen = t.fin_leg_fen
-    r.cash_fen = t.cash_fen
-    r.ins_balance_fen = t.ins_balance_fen
-    r.fin_balance_fen = t.fin_balance_fen
-    r.other_balance_fen = t.other_balance_fen
-    r.card_slot = t.card_slot
-    r.other_slot = t.other_slot
-    r.auth_code = t.auth_code
+    r.business_date = bd
+    r.cmd = cmd
+    r.pin_outcome = 0
+    r.reserved0 = 0
     r.outcome_flags = RES_DUPLICATE
 
 
@@ -446,12 +426,12 @@ cdef void settle_post(State* s, int32_t slot, int32_t payer, const Txn* t, int s
     if t.aid_leg_fen != 0 and payer >= 0:
         s.cards[payer].ins_balance_fen -= sign * t.aid_leg_fen
     # Accumulators of another year were reset at New Year: nothing of this one is left to move.
-    if s.years[slot].acc_year == t.business_date // 10000:
+    if s.side[slot].acc_year == t.business_date // 10000:
         s.cards[slot].fund_paid_fen[g] += sign * t.fund_fen
         if t.outcome_flags & RES_CUMULATIVE:
             s.cards[slot].ded_used_fen[g] += sign * t.deductible_fen
         if t.outcome_flags & RES_ADMISSION:
-            s.years[slot].admissions[g] += sign
+            s.side[slot].admissions[g] += sign
 
 
 cdef inline void report_balances(const State* s, int32_t slot, Result* r) noexcept nogil:
@@ -479,7 +459,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     if current:
         ded_used = s.cards[slot].ded_used_fen[g]
         fund_paid = s.cards[slot].fund_paid_fen[g]
-        admissions = s.years[slot].admissions[g]
+        admissions = s.side[slot].admissions[g]
     r.acc_group = g
     if q.flags & REQ_FP:
         # The platform computed the fund (FP): the local policy is skipped (PROTOCOL.md §3.1).
@@ -509,7 +489,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     share_fen = q.amount_fen - fund_fen
     if q.flags & REQ_AU:
         ins_fen = imin(share_fen, s.cards[slot].ins_balance_fen)
-        payer = live_slot(s, s.payer_slot[slot])
+        payer = live_slot(s, s.side[slot].payer_slot)
         if payer >= 0 and card_usable(s, payer, bd):
             aid_fen = imin(share_fen - ins_fen, s.cards[payer].ins_balance_fen)
             if s.limits_fen[LIMIT_FAMILY_AID] > 0:
@@ -550,9 +530,9 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         s.cards[slot].ded_used_fen[1] = 0
         s.cards[slot].fund_paid_fen[0] = 0
         s.cards[slot].fund_paid_fen[1] = 0
-        s.years[slot].admissions[0] = 0
-        s.years[slot].admissions[1] = 0
-        s.years[slot].acc_year = s.batch_year
+        s.side[slot].admissions[0] = 0
+        s.side[slot].admissions[1] = 0
+        s.side[slot].acc_year = s.batch_year
     s.cards[slot].ins_balance_fen -= ins_fen
     s.cards[slot].fin_balance_fen -= fin_fen
     if aid_fen > 0:
@@ -562,7 +542,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
     if r.outcome_flags & RES_CUMULATIVE:
         s.cards[slot].ded_used_fen[g] += ded_fen
     if r.outcome_flags & RES_ADMISSION:
-        s.years[slot].admissions[g] += 1
+        s.side[slot].admissions[g] += 1
     r.outcome_flags |= RES_POSTED
     report_balances(s, slot, r)
     return code
@@ -747,9 +727,9 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
     s.cards[slot].card_flags = q.acct_type >> 4
     s.cards[slot].status = q.med_type
     s.pvv_bank[slot] = q.pin_pvv
-    s.pvv_social[slot] = q.pin_pvv_new
-    s.years[slot].expiry_yymm = q.expiry_yymm
-    s.payer_slot[slot] = -1
+    s.side[slot].pvv_social = q.pin_pvv_new
+    s.side[slot].expiry_yymm = q.expiry_yymm
+    s.side[slot].payer_slot = -1
     card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash, slot)
     card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, q.person_hash, slot)
     r.card_slot = slot
@@ -761,16 +741,16 @@ cdef uint16_t cmd_issue(State* s, const Request* q, Result* r) noexcept nogil:
 cdef inline void family_unbind(State* s, int32_t slot) noexcept nogil:
     """The card pays no longer through its payer: one beneficiary fewer on the payer's live card
     (the count moves with the payer's card on a replacement, move_card)."""
-    cdef int32_t bound = live_slot(s, s.payer_slot[slot])
+    cdef int32_t bound = live_slot(s, s.side[slot].payer_slot)
     if bound >= 0 and s.cards[bound].aid_beneficiaries > 0:
         s.cards[bound].aid_beneficiaries -= 1
-    s.payer_slot[slot] = -1
+    s.side[slot].payer_slot = -1
 
 
 cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, uint32_t bd) noexcept nogil:
     """家庭共济: bind (or unbind) the payer whose insurance account pays after the card's own."""
     cdef int32_t payer
-    cdef int32_t bound = live_slot(s, s.payer_slot[slot])     # the payer now, -1 none
+    cdef int32_t bound = live_slot(s, s.side[slot].payer_slot)     # the payer now, -1 none
     if q.cmd == CMD_FAMILY_UNBIND:
         family_unbind(s, slot)
         r.outcome_flags |= RES_POSTED
@@ -787,7 +767,7 @@ cdef uint16_t cmd_family(State* s, const Request* q, Result* r, int32_t slot, ui
             return RC_65                 # this payer covers as many beneficiaries as allowed
         family_unbind(s, slot)
         s.cards[payer].aid_beneficiaries += 1
-    s.payer_slot[slot] = payer
+    s.side[slot].payer_slot = payer
     r.other_slot = payer
     r.outcome_flags |= RES_POSTED
     return RC_00
@@ -828,8 +808,8 @@ cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     s.cards[old].fin_balance_fen = 0
     memcpy(s.cards[new].ded_used_fen, s.cards[old].ded_used_fen, 2 * sizeof(int64_t))
     memcpy(s.cards[new].fund_paid_fen, s.cards[old].fund_paid_fen, 2 * sizeof(int64_t))
-    memcpy(s.years[new].admissions, s.years[old].admissions, 2 * sizeof(uint16_t))
-    s.years[new].acc_year = s.years[old].acc_year
+    memcpy(s.side[new].admissions, s.side[old].admissions, 2 * sizeof(uint16_t))
+    s.side[new].acc_year = s.side[old].acc_year
     s.person_hash[new] = s.person_hash[old]
     s.cards[new].region_index = s.cards[old].region_index
     s.cards[new].ins_type_index = s.cards[old].ins_type_index
@@ -837,11 +817,11 @@ cdef void move_card(State* s, int32_t old, int32_t new) noexcept nogil:
     s.cards[new].card_flags = s.cards[old].card_flags & ~(CF_STOLEN | CF_SOCIAL_PIN)
     s.cards[new].aid_beneficiaries = s.cards[old].aid_beneficiaries   # its beneficiaries follow live_slot
     s.cards[old].aid_beneficiaries = 0
-    s.years[new].expiry_yymm = s.years[old].expiry_yymm
-    s.payer_slot[new] = s.payer_slot[old]
+    s.side[new].expiry_yymm = s.side[old].expiry_yymm
+    s.side[new].payer_slot = s.side[old].payer_slot
     s.cards[new].status = CARD_ACTIVE
     s.cards[old].status = CARD_REPLACED
-    s.payer_slot[old] = new               # the forward pointer live_slot follows
+    s.side[old].payer_slot = new               # the forward pointer live_slot follows
     card_index_set(s.person_index, s.person_index_mask, s.person_hash, 1, s.person_hash[new], new)
 
 
@@ -893,7 +873,7 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
         card_index_set(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan2_hash, other)
         move_card(s, slot, other)
         s.pvv_bank[other] = q.pin_pvv
-        s.pvv_social[other] = q.pin_pvv_new
+        s.side[other].pvv_social = q.pin_pvv_new
         r.other_slot = other
         r.other_balance_fen = s.cards[other].fin_balance_fen
     elif cmd == CMD_CANCEL_CARD:
@@ -922,13 +902,13 @@ cdef uint16_t cmd_lifecycle(State* s, const Request* q, Result* r, int32_t slot,
         if code != 0:
             return code
         if social:
-            s.pvv_social[slot] = q.pin_pvv_new
+            s.side[slot].pvv_social = q.pin_pvv_new
             s.cards[slot].card_flags |= CF_SOCIAL_PIN     # changed from the initial value: enabled
         else:
             s.pvv_bank[slot] = q.pin_pvv_new
     elif cmd == CMD_PIN_RESET:
         if social:
-            s.pvv_social[slot] = q.pin_pvv_new
+            s.side[slot].pvv_social = q.pin_pvv_new
             s.cards[slot].tries_social = 0
             s.cards[slot].card_flags &= ~CF_SOCIAL_PIN    # back to an initial PIN: not enabled
         else:
@@ -1014,7 +994,7 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd, uint
             t = &s.txns[pos]
             if t.content_hash != q.content_hash:
                 return RC_94
-            answer_from_txn(t, r)
+            answer_from_txn(t, r, bd, q.cmd)
             return r.code
     if lifecycle and q.idem_key == 0:
         t = NULL
@@ -1033,18 +1013,39 @@ cdef uint16_t apply_one(State* s, const Request* q, Result* r, uint32_t bd, uint
                 return RC_25
         t = txn_new(s, q, r, idem_bucket, rev_key, rev_bucket)
     code = apply_checked(s, q, r, bd)
-    if cmd == CMD_REVERSAL and (r.outcome_flags & RES_TOMBSTONE) and t != NULL:
-        t.rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
-        t.state = TXN_TOMBSTONE
-        txn_index_set(s, 1, t.rev_key, <int32_t>(t.rrn & s.txn_mask))   # rare: probe again
-    if approved(code) and t != NULL:
-        r.auth_code = <uint32_t>(t.rrn % 1000000)
-        if r.auth_code == 0:
-            r.auth_code = 1
     r.code = code
     if t != NULL:
+        if approved(code):
+            r.auth_code = <uint32_t>(t.rrn % 1000000)
+            if r.auth_code == 0:
+                r.auth_code = 1
         txn_store_result(t, r)
+        if cmd == CMD_REVERSAL and (r.outcome_flags & RES_TOMBSTONE):
+            # after the store, which sets the state byte
+            t.rev_key = make_rev_key(q.terminal_index, q.batch_no, q.stan)
+            t.state = TXN_TOMBSTONE
+            txn_index_set(s, 1, t.rev_key, <int32_t>(t.rrn & s.txn_mask))   # rare: probe again
     return code
+
+
+cdef inline uint16_t settle_checked(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
+    """apply_checked's steps for a medical settlement (81), the bulk of the traffic, without
+    the tests for other commands: the same checks in the same order."""
+    cdef int32_t slot = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash)
+    cdef uint16_t code
+    if slot < 0:
+        return RC_14
+    r.card_slot = slot
+    report_balances(s, slot, r)
+    code = card_gate(s, slot, False, bd)
+    if code != 0:
+        return code
+    code = pin_gate(s, slot, q, r, True, (s.cards[slot].card_flags & CF_SOCIAL_PIN) != 0)
+    if code != 0:
+        return code
+    if q.amount_fen > 0 and s.limits_fen[CMD_MED_SETTLE] > 0 and q.amount_fen > s.limits_fen[CMD_MED_SETTLE]:
+        return RC_61
+    return cmd_medical(s, q, r, slot, bd, True)
 
 
 cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) noexcept nogil:
@@ -1053,6 +1054,8 @@ cdef uint16_t apply_checked(State* s, const Request* q, Result* r, uint32_t bd) 
     cdef int32_t slot, other
     cdef uint16_t code
     cdef bint social, credit_back
+    if cmd == CMD_MED_SETTLE:
+        return settle_checked(s, q, r, bd)
     if cmd == CMD_ISSUE:
         return cmd_issue(s, q, r)
     if cmd == CMD_REVERSAL:
@@ -1149,6 +1152,23 @@ cdef extern from *:
     void prefetch "yk_prefetch" (const void* address) noexcept nogil
     void prefetch_write "yk_prefetch_write" (const void* address) noexcept nogil
 
+
+cdef extern from *:
+    # A Result cleared with eight 16-byte stores: gcc's memset of 128 bytes (vector_loop
+    # strategy, setup.py) is a loop of ~27 instructions.
+    """
+    #include <emmintrin.h>
+    static inline void yk_zero_result(void* p) {
+        __m128i z = _mm_setzero_si128();
+        __m128i* d = (__m128i*)p;
+        _mm_storeu_si128(d + 0, z); _mm_storeu_si128(d + 1, z);
+        _mm_storeu_si128(d + 2, z); _mm_storeu_si128(d + 3, z);
+        _mm_storeu_si128(d + 4, z); _mm_storeu_si128(d + 5, z);
+        _mm_storeu_si128(d + 6, z); _mm_storeu_si128(d + 7, z);
+    }
+    """
+    void zero_result "yk_zero_result" (Result* r) noexcept nogil
+
 # How far ahead the loop prefetches: index buckets PREFETCH_AHEAD rows ahead, the card's columns
 # CARD_AHEAD rows ahead (by then its index bucket is in cache, so the slot can be read cheaply),
 # the request rows twice PREFETCH_AHEAD ahead. Tuned with 100,000 cards (bench/README.md).
@@ -1171,9 +1191,7 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     cdef int32_t slot = s.pan_index[q.pan_hash & s.pan_index_mask]
     if slot >= 0:
         prefetch(&s.cards[slot])
-        prefetch(&s.years[slot])
-        prefetch(&s.payer_slot[slot])
-        prefetch(&s.pvv_social[slot])
+        prefetch(&s.side[slot])         # year counters, expiry, payer, social PVV: one line
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
@@ -1246,7 +1264,7 @@ cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t b
     """One row of a batch, as apply_rows and replay_rows both run it (so that a replay rebuilds
     byte-identical state): free the ring entry, a zeroed Result, apply_one."""
     txn_make_room(s)
-    memset(r, 0, sizeof(Result))
+    zero_result(r)
     r.card_slot = -1
     r.other_slot = -1
     r.cmd = q.cmd
@@ -1314,10 +1332,12 @@ def _offsets_txn():
     cdef Txn x
     cdef char* b = <char*>&x
     return sizeof(Txn), {
-        "rev_key": <char*>&x.rev_key - b, "other_balance_fen": <char*>&x.other_balance_fen - b,
+        "rrn": <char*>&x.rrn - b, "other_balance_fen": <char*>&x.other_balance_fen - b,
         "card_slot": <char*>&x.card_slot - b, "auth_code": <char*>&x.auth_code - b,
-        "code": <char*>&x.code - b, "acc_group": <char*>&x.acc_group - b,
-    }
+        "code": <char*>&x.code - b, "acc_group": <char*>&x.acc_group - b, "state": <char*>&x.state - b,
+        "refunded_fen": <char*>&x.refunded_fen - b, "rev_key": <char*>&x.rev_key - b,
+        "batch_no": <char*>&x.batch_no - b,
+    }, TXN_RESULT_BYTES
 
 
 def _offsets_policy():
@@ -1339,10 +1359,11 @@ def _offsets_card_hot():
     }
 
 
-def _offsets_card_year():
-    cdef CardYear x
+def _offsets_card_side():
+    cdef CardSide x
     cdef char* b = <char*>&x
-    return sizeof(CardYear), {"acc_year": <char*>&x.acc_year - b, "expiry_yymm": <char*>&x.expiry_yymm - b}
+    return sizeof(CardSide), {"acc_year": <char*>&x.acc_year - b, "expiry_yymm": <char*>&x.expiry_yymm - b,
+                              "payer_slot": <char*>&x.payer_slot - b, "pvv_social": <char*>&x.pvv_social - b}
 
 
 cdef inline void* _ptr(cnp.ndarray a):
@@ -1404,11 +1425,11 @@ cdef class Core:
         if cnp.PyArray_DATA(a["cards"]) == NULL or (<size_t>cnp.PyArray_DATA(a["cards"])) % 64 != 0:
             a["cards"] = aligned_copy(a["cards"])      # one card, one cache line
         self.s.cards = <CardHot*>_ptr(a["cards"])
-        self.s.years = <CardYear*>_ptr(a["years"])
+        if cnp.PyArray_DATA(a["side"]) == NULL or (<size_t>cnp.PyArray_DATA(a["side"])) % 16 != 0:
+            a["side"] = aligned_copy(a["side"])        # a record never straddles two lines
+        self.s.side = <CardSide*>_ptr(a["side"])
         self.s.person_hash = <uint64_t*>_ptr(a["person_hash"])
-        self.s.pvv_social = <uint32_t*>_ptr(a["pvv_social"])
         self.s.pvv_bank = <uint32_t*>_ptr(a["pvv_bank"])
-        self.s.payer_slot = <int32_t*>_ptr(a["payer_slot"])
         self.s.temp_loss_until = <uint32_t*>_ptr(a["temp_loss_until"])
         self.s.pan_index = <int32_t*>_ptr(a["pan_index"])
         self.s.pan_index_mask = a["pan_index"].shape[0] - 1

@@ -31,15 +31,12 @@ RESULT_DTYPE = np.dtype([
     ("acc_group", "u1"), ("reserved0", "<u2"), ("reserved1", "<i8"),
 ])
 
-TXN_DTYPE = np.dtype([
-    ("idem_key", "<u8"), ("content_hash", "<u8"), ("rev_key", "<u8"), ("rrn", "<u8"),
-    ("orig_rrn", "<u8"), ("amount_fen", "<i8"), ("fund_fen", "<i8"), ("deductible_fen", "<i8"),
-    ("ins_leg_fen", "<i8"), ("aid_leg_fen", "<i8"), ("fin_leg_fen", "<i8"), ("cash_fen", "<i8"),
-    ("refunded_fen", "<i8"), ("ins_balance_fen", "<i8"), ("fin_balance_fen", "<i8"),
-    ("other_balance_fen", "<i8"), ("card_slot", "<i4"), ("other_slot", "<i4"),
-    ("business_date", "<u4"), ("stan", "<u4"), ("batch_no", "<u4"), ("terminal_index", "<i4"),
-    ("auth_code", "<u4"), ("code", "<u2"), ("cmd", "u1"), ("state", "u1"),
-    ("outcome_flags", "u1"), ("acc_group", "u1"), ("reserved0", "u1", (6,)),
+# The ring entry: its first 120 bytes (TXN_RESULT_BYTES) are laid out as a Result's, with
+# `state` where a Result has reserved0 (checked in _check).
+TXN_DTYPE = np.dtype(RESULT_DTYPE.descr[:-2] + [
+    ("state", "u1"), ("reserved0", "u1"),
+    ("refunded_fen", "<i8"), ("idem_key", "<u8"), ("content_hash", "<u8"), ("rev_key", "<u8"),
+    ("stan", "<u4"), ("batch_no", "<u4"),
 ])
 
 BANDS_MAX = 4
@@ -57,13 +54,20 @@ CARD_HOT_DTYPE = np.dtype([
     ("status", "u1"), ("card_flags", "u1"), ("region_index", "u1"), ("ins_type_index", "u1"),
     ("person_type", "u1"), ("tries_social", "u1"), ("tries_bank", "u1"), ("aid_beneficiaries", "u1"),
 ])
-CARD_YEAR_DTYPE = np.dtype([("admissions", "<u2", (2,)), ("acc_year", "<u2"), ("expiry_yymm", "<u2")])
+CARD_SIDE_DTYPE = np.dtype([("admissions", "<u2", (2,)), ("acc_year", "<u2"), ("expiry_yymm", "<u2"),
+                            ("payer_slot", "<i4"), ("pvv_social", "<u4")])
 
 
 def _check():
+    txn_size, txn_offsets, txn_result_bytes = _core._offsets_txn()
+    assert txn_offsets["refunded_fen"] == txn_result_bytes == RESULT_DTYPE.fields["reserved1"][1]
+    for name in RESULT_DTYPE.names[:-2]:     # the Result-shaped prefix of a ring entry
+        assert TXN_DTYPE.fields[name][1:] == RESULT_DTYPE.fields[name][1:] and \
+            TXN_DTYPE.fields[name][0] == RESULT_DTYPE.fields[name][0], f"Txn.{name} is not where Result has it"
+    assert TXN_DTYPE.fields["state"][1] == RESULT_DTYPE.fields["reserved0"][1]
     for dtype, probe in ((REQUEST_DTYPE, _core._offsets_request), (RESULT_DTYPE, _core._offsets_result),
-                         (TXN_DTYPE, _core._offsets_txn), (POLICY_DTYPE, _core._offsets_policy),
-                         (CARD_HOT_DTYPE, _core._offsets_card_hot), (CARD_YEAR_DTYPE, _core._offsets_card_year)):
+                         (TXN_DTYPE, lambda: (txn_size, txn_offsets)), (POLICY_DTYPE, _core._offsets_policy),
+                         (CARD_HOT_DTYPE, _core._offsets_card_hot), (CARD_SIDE_DTYPE, _core._offsets_card_side)):
         size, offsets = probe()
         assert dtype.itemsize == size, f"{dtype}: numpy itemsize {dtype.itemsize}, C sizeof {size}"
         for name, offset in offsets.items():

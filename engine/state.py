@@ -2,14 +2,15 @@
 institutions, terminals, the transaction ring. One place creates them, so checkpoints (which
 save and load exactly this dict) and the Core agree on names, dtypes and shapes.
 
-Memory per card: 92 bytes of columns + 2 indexes × 2 buckets × 4 bytes = 108 bytes
-(DESIGN.md §3 allows 128). bench/bench_engine.py measures it with 10 million cards.
+Memory per card: 96 bytes of columns + 2 indexes × 2–4 buckets × 4 bytes = 112–128 bytes
+(DESIGN.md §3 allows 128; an index has a power of two ≥ 2 × capacity buckets).
+bench/bench_engine.py measures it with 10 million cards.
 """
 import numpy as np
 
 from .config import NodeConfig
 from . import _core
-from .layouts import InstKind, POLICY_DTYPE, TXN_DTYPE, BANDS_MAX, Cmd, CARD_HOT_DTYPE, CARD_YEAR_DTYPE
+from .layouts import InstKind, POLICY_DTYPE, TXN_DTYPE, BANDS_MAX, Cmd, CARD_HOT_DTYPE, CARD_SIDE_DTYPE
 
 VISIT_TYPES = (11, 14, 21, 41)       # index = visit kind in the dense policy table
 LEVELS = 4                           # hospital level 0..3
@@ -19,13 +20,15 @@ KINDS = {"hospital": InstKind.HOSPITAL, "pharmacy": InstKind.PHARMACY, "bank": I
 META_TXN_COUNT, META_WARNINGS, META_CARD_COUNT, META_TRIES_SOCIAL, META_TRIES_BANK, META_AID_BENEFICIARIES = range(6)
 META_SIZE = 16
 
-# (name, dtype) of every per-card column. `cards` holds what a settlement touches in one 64-byte
-# cache line (engine/_core.pxd: CardHot); `years` the year counters and expiry (CardYear).
+# (name, dtype) of every per-card column. What a settlement touches is in two of them: `cards`,
+# one 64-byte cache line per card (engine/_core.pxd: CardHot), and `side`, 16 bytes (CardSide:
+# year counters, expiry, family-aid payer, social PVV) — two lines per card instead of the four
+# separate columns these were until 2026-11-30.
 CARD_COLUMNS = (
-    ("cards", CARD_HOT_DTYPE), ("years", CARD_YEAR_DTYPE), ("person_hash", np.uint64),
-    ("pvv_social", np.uint32), ("pvv_bank", np.uint32), ("payer_slot", np.int32),
-    ("temp_loss_until", np.uint32),
+    ("cards", CARD_HOT_DTYPE), ("side", CARD_SIDE_DTYPE), ("person_hash", np.uint64),
+    ("pvv_bank", np.uint32), ("temp_loss_until", np.uint32),
 )
+
 
 
 class ConfigError(ValueError):
@@ -45,10 +48,46 @@ def card_arrays(capacity: int) -> dict:
     for name, dtype in CARD_COLUMNS:
         arrays[name] = np.zeros(capacity, dtype=dtype)
     arrays["cards"] = _core.aligned_copy(arrays["cards"])
-    arrays["payer_slot"].fill(-1)
+    arrays["side"] = _core.aligned_copy(arrays["side"])
+    arrays["side"]["payer_slot"] = -1
     buckets = _pow2_at_least(max(2 * capacity, 16))
     arrays["pan_index"] = np.full(buckets, -1, dtype=np.int32)
     arrays["person_index"] = np.full(buckets, -1, dtype=np.int32)
+    return arrays
+
+
+# The ring entry of builds before 2026-11-30 (168 bytes), read by upgrade_arrays.
+_TXN_DTYPE_168 = np.dtype([
+    ("idem_key", "<u8"), ("content_hash", "<u8"), ("rev_key", "<u8"), ("rrn", "<u8"),
+    ("orig_rrn", "<u8"), ("amount_fen", "<i8"), ("fund_fen", "<i8"), ("deductible_fen", "<i8"),
+    ("ins_leg_fen", "<i8"), ("aid_leg_fen", "<i8"), ("fin_leg_fen", "<i8"), ("cash_fen", "<i8"),
+    ("refunded_fen", "<i8"), ("ins_balance_fen", "<i8"), ("fin_balance_fen", "<i8"),
+    ("other_balance_fen", "<i8"), ("card_slot", "<i4"), ("other_slot", "<i4"),
+    ("business_date", "<u4"), ("stan", "<u4"), ("batch_no", "<u4"), ("terminal_index", "<i4"),
+    ("auth_code", "<u4"), ("code", "<u2"), ("cmd", "u1"), ("state", "u1"),
+    ("outcome_flags", "u1"), ("acc_group", "u1"), ("reserved0", "u1", (6,)),
+])
+
+
+def upgrade_arrays(arrays: dict) -> dict:
+    """Arrays saved by an older build (a checkpoint) in today's layout, in place: the separate
+    `years`, `payer_slot` and `pvv_social` columns folded into `side`, and a 168-byte
+    transaction ring rewritten field by field as today's 160-byte entries. Others unchanged."""
+    if "side" not in arrays and "years" in arrays:
+        side = np.zeros(arrays["years"].shape[0], dtype=CARD_SIDE_DTYPE)
+        for name in ("admissions", "acc_year", "expiry_yymm"):
+            side[name] = arrays["years"][name]
+        side["payer_slot"] = arrays.pop("payer_slot")
+        side["pvv_social"] = arrays.pop("pvv_social")
+        del arrays["years"]
+        arrays["side"] = _core.aligned_copy(side)
+    if "txns" in arrays and arrays["txns"].dtype == _TXN_DTYPE_168:
+        old = arrays["txns"]
+        txns = np.zeros(old.shape[0], dtype=TXN_DTYPE)
+        for name in TXN_DTYPE.names:
+            if name in old.dtype.names and name != "reserved0":   # new: pin_outcome (0 = not kept)
+                txns[name] = old[name]
+        arrays["txns"] = txns
     return arrays
 
 

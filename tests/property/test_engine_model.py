@@ -122,10 +122,10 @@ def build(engine, op_tuple, history, stan_counter, pans):
 
 
 def card_state_engine(engine, slot):
-    c, y = engine.arrays["cards"][slot], engine.arrays["years"][slot]
+    c, y = engine.arrays["cards"][slot], engine.arrays["side"][slot]
     return (int(c["ins_balance_fen"]), int(c["fin_balance_fen"]), [int(x) for x in c["ded_used_fen"]],
             [int(x) for x in c["fund_paid_fen"]], [int(x) for x in y["admissions"]], int(y["acc_year"]),
-            int(c["tries_social"]), int(c["tries_bank"]), int(engine.arrays["payer_slot"][slot]),
+            int(c["tries_social"]), int(c["tries_bank"]), int(y["payer_slot"]),
             int(c["status"]), int(c["aid_beneficiaries"]))
 
 

@@ -175,7 +175,7 @@ def test_reversal_restores_every_leg_and_accumulator(demo):
     assert rc_str(r["code"]) == "00"
     assert (r["fund_fen"], r["ins_leg_fen"], r["fin_leg_fen"]) == (-3862000, -200000, -938000)
     after = card_state(engine)
-    after["years"]["acc_year"] = before["years"]["acc_year"]   # the year the accumulators belong to was set
+    after["side"]["acc_year"] = before["side"]["acc_year"]   # the year the accumulators belong to was set
     for name, column in before.items():
         assert (after[name] == column).all(), name
     assert apply(engine, rev)["outcome_flags"] & ResFlag.DUPLICATE   # a second reversal: first answer
