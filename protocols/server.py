@@ -636,8 +636,7 @@ class Server:
             # Node.checkpoint does not block on the writer); under continuous load the batcher
             # holds new batches back until the in-flight ones are acked — a bubble of about one
             # commit every checkpoint_every_records — so checkpoints happen whatever the load.
-            writing = self.node._checkpoint_thread is not None and self.node._checkpoint_thread.is_alive()
-            if writing:
+            if self.node.checkpoint_in_progress():
                 self.checkpoint_due = False     # the previous file is still being written: try again later,
                                                 # never block the loop on it (Node.checkpoint would join)
             elif self.inflight:
