@@ -109,7 +109,7 @@ def test_checkpoints_happen_under_continuous_load(tmp_path):
     checkpoints = sorted(f for f in os.listdir(os.path.join(data, "checkpoints")) if f.endswith(".json"))
     seqs = [int(f[5:25]) for f in checkpoints]
     # genesis (1,009 records) + 90,000 requests + the 0500s: 4 due at most, at least 20,000 apart.
-    # How many are taken depends on how fast the checkpoint thread (nice +10) writes while the
+    # How many are taken depends on how fast the checkpoint child (nice +10) writes while the
     # load runs: on a machine shared with other work it gets 2 (seen: [20337, 53873]), so two
     # mid-load checkpoints is what is required — the second proves checkpointing goes on.
     assert len(seqs) >= 2 and all(b - a >= 20_000 for a, b in zip(seqs, seqs[1:])), seqs
