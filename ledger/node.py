@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import struct
 import threading
 import zipfile
@@ -436,6 +437,7 @@ class ForkedCheckpoint:
         self.seq, self.batch_no = seq, batch_no
         self.error: str | None = None
         parent = os.getpid()
+        _load_prctl()
         report_r, report_w = os.pipe()
         pid = os.fork()
         if pid == 0:                                       # the child: never returns
@@ -490,13 +492,27 @@ class ForkedCheckpoint:
         self._waiter.join()
 
 
+_prctl = None
+
+
+def _load_prctl():
+    """libc's prctl, loaded in the node before it forks: importing ctypes and loading libc in
+    the child measured ≈ 10 ms of its CPU, and a child at nice +10 on a busy core gets little
+    CPU (a checkpoint of 4 MB took 0.36 s of wall time beside a closed-loop load)."""
+    global _prctl
+    if _prctl is None:
+        try:
+            import ctypes
+            _prctl = ctypes.CDLL("libc.so.6").prctl
+        except (OSError, AttributeError):
+            _prctl = False                     # not Linux: the child finishes its file and exits
+    return _prctl
+
+
 def _die_with_parent():
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass                                   # not Linux: the child finishes its file and exits
+    prctl = _load_prctl()
+    if prctl:
+        prctl(1, signal.SIGKILL)               # PR_SET_PDEATHSIG
 
 
 def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes,
