@@ -34,6 +34,50 @@ def start(cmd, cwd=None, env=None):
     raise RuntimeError(f"{cmd[0]} exited with {proc.wait()} before listening")
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def writer_pid(server_pid: int) -> int:
+    """The server's writer process: its one child that runs yikatong.ledger.writer."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with open(f"/proc/{server_pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"yikatong.ledger.writer" in c.read():
+                        return int(child)
+    raise RuntimeError("the server has no writer process")
+
+
+def core_ticks(core: int) -> tuple[int, int]:
+    """(busy, total) ticks of one core so far (/proc/stat): how busy the machine was."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                t = [int(x) for x in line.split()[1:9]]
+                return sum(t) - t[3] - t[4], sum(t)
+    return 0, 1
+
+
+def cpu_per_message(server_pid: int, run) -> tuple[dict, dict]:
+    """Run `run()` (a load) and measure the CPU the server and its writer process spent per
+    message meanwhile, and how busy core 0 was, theirs and other processes' (the machine is
+    shared: a figure means little without the second)."""
+    writer = writer_pid(server_pid)
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    s0, w0, (b0, t0) = cpu_ticks(server_pid), cpu_ticks(writer), core_ticks(0)
+    result = run()
+    s1, w1, (b1, t1) = cpu_ticks(server_pid), cpu_ticks(writer), core_ticks(0)
+    n = result["received"]
+    ours, busy, total = (s1 - s0) + (w1 - w0), b1 - b0, max(1, t1 - t0)
+    return result, {"server_us_per_msg": round((s1 - s0) * tick_s / n * 1e6, 2),
+                    "writer_us_per_msg": round((w1 - w0) * tick_s / n * 1e6, 2),
+                    "core0_busy_pct": round(100 * busy / total), "core0_others_pct": round(100 * (busy - ours) / total)}
+
+
 def load(port: int, *extra) -> dict:
     out = subprocess.run(pinned(1) + [sys.executable, "-m", "yikatong.main", "load", "--port", str(port),
                                       "--cards", str(CARDS), "--json", *extra],
@@ -51,8 +95,8 @@ def test_server_end_to_end(tmp_path, benchmark):
                                                 "--pipeline", "128", "--data", str(tmp_path / "node")),
                                     rounds=1, iterations=1)
         rate = size(20_000, 150_000)
-        open_loop = load(port, "--count", str(min(count, rate * 5)), "--rate", str(rate), "--connections", "64",
-                         "--pipeline", "256")
+        open_loop, open_cpu = cpu_per_message(server.pid, lambda: load(
+            port, "--count", str(min(count, rate * 5)), "--rate", str(rate), "--connections", "64", "--pipeline", "256"))
         cups = load(port, "--count", str(size(20_000, 300_000)), "--mac", "cups-ecb", "--connections", "16",
                     "--pipeline", "256")
     finally:
@@ -79,13 +123,15 @@ def test_server_end_to_end(tmp_path, benchmark):
     benchmark.extra_info.update({
         "messages": closed["received"], "durable_per_s": round(closed["accepted_per_s"]),
         "latency_ms": closed["latency_ms"], "open_loop_rate": rate, "open_loop_latency_ms": open_loop["latency_ms"],
-        "open_loop_accepted_per_s": round(open_loop["accepted_per_s"]),
+        "open_loop_accepted_per_s": round(open_loop["accepted_per_s"]), "open_loop_cpu": open_cpu,
         "cups_ecb_per_s": round(cups["accepted_per_s"]), "baseline_per_s": round(baseline_rate),
         "ratio_vs_baseline": round(ratio, 1), "checksum_approved_fen": closed["approved_fen"]})
     lat, olat = closed["latency_ms"], open_loop["latency_ms"]
     print(f"\nserver end to end: {closed['received']:,} messages, {closed['accepted_per_s']:,.0f} durable MAC-checked "
           f"msg/s closed loop (64 conn × 128), p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms p999 {lat['p999']:.1f} ms; "
           f"open loop at {rate:,}/s: accepted {open_loop['accepted_per_s']:,.0f}/s, p50 {olat['p50']:.1f} ms "
-          f"p99 {olat['p99']:.1f} ms p999 {olat['p999']:.1f} ms max {olat['max']:.1f} ms; cups-ecb terminal "
+          f"p99 {olat['p99']:.1f} ms p999 {olat['p999']:.1f} ms max {olat['max']:.1f} ms, CPU per message "
+          f"{open_cpu['server_us_per_msg']} µs server + {open_cpu['writer_us_per_msg']} µs writer process (core 0 "
+          f"{open_cpu['core0_busy_pct']} % busy, {open_cpu['core0_others_pct']} % of it other processes); cups-ecb terminal "
           f"{cups['accepted_per_s']:,.0f} msg/s; baseline {baseline_rate:,.0f} msg/s → {ratio:,.0f}×; "
           f"approved {closed['approved_fen']:,} fen, every approval found in the journal")

@@ -406,6 +406,10 @@ class Node:
         self._checkpoint_thread.start()
         return npz
 
+    def checkpoint_in_progress(self) -> bool:
+        """A background checkpoint is still being written."""
+        return self._checkpoint_thread is not None and self._checkpoint_thread.is_alive()
+
     def _snapshot(self) -> dict:
         """The engine's arrays copied into buffers kept from one checkpoint to the next (free again:
         one checkpoint at a time). This copy is the one part of a checkpoint on the reply path;

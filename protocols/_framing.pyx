@@ -5,6 +5,7 @@ at a time included — and hands out whole frames; a declared length above the m
 as soon as the prefix is read, before any of the body is buffered, so a peer can never make it
 hold more than frame_bytes_max + 2 bytes.
 """
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
 
@@ -50,12 +51,30 @@ cdef class Framer:
         """Bytes of an incomplete frame held now (the server times out a partial frame)."""
         return self.used
 
+    @property
+    def frame_begun(self) -> bool:
+        """The stream holds bytes beyond the whole frames handed out: part of a length prefix, a
+        whole prefix (then pending_bytes is 0), or part of a body. The server times such a
+        frame out (limits.partial_frame_timeout_ms)."""
+        return self.used > 0 or self.expect >= 0
+
     def feed(self, data) -> list:
         cdef const unsigned char[:] view = memoryview(data).cast("B")
         cdef Py_ssize_t n = view.shape[0], i = 0, take, length
         cdef unsigned char* buf = self.buffer
         out = []
         while i < n:
+            if self.expect < 0 and self.used == 0 and n - i >= 2:
+                # The usual case (a terminal's writes hold whole frames): a frame lying whole in
+                # this chunk becomes a bytes object straight from the chunk, without passing
+                # through the buffer. Anything else (a frame cut by the chunk, a length to refuse)
+                # takes the byte-exact path below.
+                length = (view[i] << 8) | view[i + 1]
+                if FRAME_BYTES_MIN <= length <= self.frame_bytes_max and n - i - 2 >= length:
+                    out.append(PyBytes_FromStringAndSize(<const char*>&view[i + 2], length))
+                    self.frames += 1
+                    i += 2 + length
+                    continue
             if self.expect < 0:
                 take = 2 - self.used
                 if take > n - i:
@@ -82,7 +101,7 @@ cdef class Framer:
                 self.used += take
                 i += take
                 if self.used == self.expect:
-                    out.append(bytes(self.buffer[:self.expect]))
+                    out.append(PyBytes_FromStringAndSize(<const char*>buf, self.expect))
                     self.frames += 1
                     self.used = 0
                     self.expect = -1

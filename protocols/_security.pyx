@@ -135,21 +135,53 @@ cdef class _Scratch:
             mac_many(self.data, self.length, self.keys, 16, self.algs, self.macs, self.count)
 
 
+cdef inline void gather_reply_macs(_Scratch x, uint8_t* o, Py_ssize_t size, const Wire* w, Py_ssize_t count,
+                                   TerminalKeys keys, int32_t row_base) noexcept nogil:
+    """Queue field 64 of every reply that carries one (reply_mac set by the encoder), as row
+    row_base + i (the key is copied now: the MAC is the one of the keys as they are now)."""
+    cdef Py_ssize_t i
+    cdef int32_t t
+    for i in range(count):
+        if w[i].reply_len == 0 or w[i].reply_mac == 0 or w[i].reply_mac + 8 > size:
+            continue
+        t = w[i].terminal_index
+        x.add_mac(o + w[i].reply_mab, w[i].reply_mab_len, keys._mac_key + 16 * t, keys._mac_alg[t],
+                  row_base + <int32_t>i)
+
+
 def check_requests(list frames not None, cnp.ndarray wires not None, cnp.ndarray requests not None,
-                   Py_ssize_t count, TerminalKeys keys not None, bytes pvv_key not None):
+                   Py_ssize_t count, TerminalKeys keys not None, bytes pvv_key not None,
+                   bytearray sign_out=None, cnp.ndarray sign_wires=None, Py_ssize_t sign_count=0):
     """Registered, signed on, MAC, PIN for rows 0..count-1 (kind engine); marks which replies
-    carry a MAC. Returns (bad MACs, terminals that must sign on again) counts."""
+    carry a MAC. Returns (bad MACs, terminals that must sign on again) counts.
+
+    With `sign_out`, `sign_wires`, `sign_count`: also the reply MACs of an earlier batch (what
+    `sign_replies(sign_out, sign_wires, sign_count, keys)` does, same bytes), in the same
+    bitsliced MAC call as this batch's request MACs. The server's replies wait for their
+    commit anyway, so it signs a batch's replies with the next batch's requests: one call of
+    2n lanes instead of two of n, which at open-loop batch sizes costs a third less per MAC
+    (X9.19 of 150 bytes, this machine: 277 ns at 256 lanes, 186 ns at 512)."""
     if len(pvv_key) != 16:
         raise ValueError("pvv_key: expecting 16 bytes")
     if PyList_GET_SIZE(frames) < count or wires.shape[0] < count or requests.shape[0] < count:
         raise ValueError("check_requests: fewer frames / rows than count")
+    if sign_count and (sign_out is None or sign_wires is None or sign_wires.shape[0] < sign_count
+                       or sign_wires.dtype.itemsize != sizeof(Wire)):
+        raise ValueError("check_requests: sign_count rows need sign_out and that many sign_wires rows")
     cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
     cdef Request* q = <Request*>cnp.PyArray_DATA(requests)
     cdef uint64_t k0 = int.from_bytes(pvv_key[:8], "little"), k1 = int.from_bytes(pvv_key[8:], "little")
     cdef Py_ssize_t i, bad = 0, resign = 0
     cdef int32_t t
     cdef object frame
-    cdef _Scratch x = _Scratch(count, True)
+    cdef _Scratch x = _Scratch(count + sign_count, True)
+    cdef uint8_t* so = NULL
+    cdef const Wire* sw = NULL
+    if sign_count:
+        so = <uint8_t*>(<char*>sign_out)
+        sw = <const Wire*>cnp.PyArray_DATA(sign_wires)
+        # the earlier batch's replies first, as rows -1 - i (this batch's rows are >= 0)
+        gather_reply_macs(x, so, len(sign_out), sw, sign_count, keys, -<int32_t>sign_count)
     cdef uint8_t buf[24]
     cdef char pin[16]
     cdef int pin_len, j
@@ -180,6 +212,9 @@ def check_requests(list frames not None, cnp.ndarray wires not None, cnp.ndarray
         x.run_macs()
         for j in range(x.count):
             i = x.rows[j]
+            if i < 0:                            # a reply of the earlier batch: its field 64
+                memcpy(so + sw[i + sign_count].reply_mac, x.macs + 8 * j, 8)
+                continue
             t = w[i].terminal_index
             if memcmp(x.macs + 8 * j, w[i].mac, 8) != 0:
                 q[i].pre_code = RC_A0
@@ -225,14 +260,9 @@ def sign_replies(bytearray out not None, cnp.ndarray wires not None, Py_ssize_t 
     cdef Wire* w = <Wire*>cnp.PyArray_DATA(wires)
     cdef uint8_t* o = <uint8_t*>(<char*>out)
     cdef Py_ssize_t i, j, size = len(out)
-    cdef int32_t t
     cdef _Scratch x = _Scratch(count, False)
     with nogil:
-        for i in range(count):
-            if w[i].reply_len == 0 or w[i].reply_mac == 0 or w[i].reply_mac + 8 > size:
-                continue
-            t = w[i].terminal_index
-            x.add_mac(o + w[i].reply_mab, w[i].reply_mab_len, keys._mac_key + 16 * t, keys._mac_alg[t], <int32_t>i)
+        gather_reply_macs(x, o, size, w, count, keys, 0)
         x.run_macs()
         for j in range(x.count):
             memcpy(o + w[x.rows[j]].reply_mac, x.macs + 8 * j, 8)

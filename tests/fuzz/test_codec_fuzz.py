@@ -160,7 +160,12 @@ def check_batch(frames):
     results["ins_balance_fen"], results["fin_balance_fen"] = 999999999999, -5
     w["flags"] |= np.where(np.arange(count) % 2 == 0, WF_MAC_REPLY, 0).astype(np.uint8)
     out = bytearray(count * c.REPLY_BYTES_MAX)
-    used = CODEC.encode_replies(w, q, results, count, out, BD, 120000, 1124)
+    used = CODEC.encode_replies(w.copy(), q, results, count, out, BD, 120000, 1124)
+    # the server encodes every batch into one buffer it reuses: bytes left there by an earlier
+    # batch must not show through anywhere in a reply
+    stale = bytearray(b"\xa5" * len(out))
+    assert CODEC.encode_replies(w, q, results, count, stale, BD, 120000, 1124) == used
+    assert stale[:used] == out[:used]
     assert used <= len(out)
     for i in range(count):
         length = int(w[i]["reply_len"])

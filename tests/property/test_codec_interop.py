@@ -4,6 +4,7 @@ same fields, and ours encode to bytes pyiso8583 decodes to the same fields — b
 import string
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bench.baseline import client as base_client
@@ -134,3 +135,39 @@ def test_our_reply_decodes_with_pyiso8583_and_its_mac_verifies():
     assert tlv_out["BP"] == "938000" and tlv_out["IB"] == "0" and tlv_out["BB"] == "1062000"
     assert int(tlv_out["FP"]) + int(tlv_out["AP"]) + int(tlv_out["BP"]) == 5000000
     assert got["54"] == "1002156C0000010620009102156C000000000000"
+
+
+def test_reply_signed_with_the_next_batch_verifies_independently():
+    """The server signs a batch's replies in the next batch's check_requests call (one bitsliced
+    MAC call for both): the reply's field 64 is the one sign_replies writes, and cryptography's
+    X9.19 verifies it; the next batch's own request MAC is still checked in that call."""
+    from yikatong.protocols import _security
+    engine, keys = demo_engine(10, business_date=20261130)
+    mac_key = bytes(range(16, 32))
+    tk = _security.TerminalKeys(np.zeros(len(CONFIG.terminals), np.uint8))
+    tk.sign_on(0, bytes(16), mac_key)
+
+    def signed_frame(stan):
+        tlv = base_client.medical_tlv(med_type="21", fo=300000, ol=50000, ps=100000, is_=4550000)
+        fields = base_client.medical_request(amount_fen=5000000, tlv=tlv, pan="6214830000000017", stan=stan,
+                                             tid="T0000001", mid="H11000000000001", batch="000001")
+        fields["64"] = bytes(8)
+        body = iso_spec.encode_body(fields)
+        return TPDU + HEADER + body[:-8] + base_crypto.mac_x919(mac_key, body[:-8])
+
+    first, second = signed_frame(42), signed_frame(43)
+    requests, wires = CODEC.decode(first)
+    _security.check_requests([first], wires, requests, 1, tk, keys.pvv_key)
+    results = engine.apply_batch(requests, business_date=20261130)
+    out = bytearray(_codec.REPLY_BYTES_MAX)
+    used = CODEC.encode_replies(wires, requests, results, 1, out, 20261130, 120000, 1130)
+    alone = bytearray(out)
+    _security.sign_replies(alone, wires, 1, tk)
+    next_requests, next_wires = CODEC.decode(second)
+    _security.check_requests([second], next_wires, next_requests, 1, tk, keys.pvv_key, out, wires, 1)
+    assert next_requests["pre_code"][0] == 0                    # the next batch's request MAC verified
+    assert out == alone and out[used - 8:used] != bytes(8)
+    reply = bytes(out[2:used])
+    assert base_crypto.mac_x919(mac_key, reply[11:-8]) == reply[-8:]
+    with pytest.raises(ValueError, match="sign_count rows need sign_out"):
+        _security.check_requests([second], next_wires, next_requests, 1, tk, keys.pvv_key, None, wires, 1)

@@ -906,3 +906,21 @@ def test_content_hash_tells_every_byte(node):
     assert len(seen) == 1 + 3 * len(raw)
     rows = np.random.default_rng(7).integers(0, 256, (100_000, len(raw)), dtype=np.uint8)
     assert len({c.content_hash(r.tobytes()) for r in rows}) == 100_000
+
+
+def test_reply_62_amounts_at_the_digit_count_edges(node):
+    """62's amounts are written without leading zeros, however many digits: 0 → "0", 9, 10, 99,
+    10**18 and the largest int64 (19 digits); a negative amount is written "0"."""
+    _, _, codec = node
+    frame = encode_fields(claim_at("6214830000000017", "T0000001", "H11000000000001", 1))
+    q, w = new_requests(1), np.zeros(1, c.WIRE_DTYPE)
+    codec.decode_batch([frame], q, w)
+    r = new_results(1)
+    r["code"], r["cmd"], r["rrn"] = rc("00"), Cmd.MED_SETTLE, 10
+    r["fund_fen"], r["deductible_fen"], r["ins_leg_fen"], r["aid_leg_fen"] = 0, 9, 90, 9
+    r["fin_leg_fen"], r["ins_balance_fen"], r["fin_balance_fen"] = 10**18, 2**63 - 1, -5
+    out = bytearray(c.REPLY_BYTES_MAX)
+    used = codec.encode_replies(w, q, r, 1, out, BD, 120000, 1124)
+    reply = decode_fields(bytes(out[2:used]))
+    assert reply["62"] == tlv(("SI", "10"), ("FP", "0"), ("DE", "9"), ("AP", "99"), ("BP", "1" + "0" * 18),
+                              ("IB", "9223372036854775807"), ("BB", "0"))

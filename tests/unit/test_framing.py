@@ -56,3 +56,21 @@ def test_bounded_buffer():
     assert f.feed(b"\x00\x64" + bytes(99)) == []
     assert f.pending_bytes == 99            # never more than one body
     assert f.feed(b"\x00") == [bytes(100)]
+
+
+def test_frame_begun_tracks_a_frame_in_progress():
+    f = Framer(2048)
+    assert not f.frame_begun
+    assert f.feed(frame(BODIES[0]) + b"\x00") == [BODIES[0]]      # a whole frame, one prefix byte
+    assert f.frame_begun and f.pending_bytes == 1
+    assert f.feed(b"\x16") == [] and f.frame_begun and f.pending_bytes == 0   # the prefix only
+    assert f.feed(BODIES[1][:5]) == [] and f.frame_begun and f.pending_bytes == 5
+    assert f.feed(BODIES[1][5:]) == [BODIES[1]] and not f.frame_begun
+
+
+def test_whole_frames_in_one_chunk_and_a_cut_one():
+    stream = b"".join(frame(b) for b in BODIES)
+    f = Framer(2048)
+    cut = len(stream) - 100                     # inside the last (2048-byte) body
+    assert f.feed(stream[:cut]) == BODIES[:-1] and f.pending_bytes == len(BODIES[-1]) - 100
+    assert f.feed(stream[cut:]) == BODIES[-1:] and f.frames == len(BODIES) and f.stream_offset == len(stream)

@@ -191,3 +191,34 @@ def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
     with pytest.raises(zipfile.BadZipFile):
         load_npz(torn)
 
+
+
+def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
+    """A background checkpoint holds the arrays as they were when `checkpoint(background=True)`
+    returned (they are copied before it returns; a thread writes the copy): the node overwrites
+    every byte of its arrays right after, and the file still holds the state at the checkpoint's
+    sequence; recovery from it then equals the live node."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 600, seed=5)
+    node.apply_and_append(q[:300], BD)
+    at_checkpoint = {name: a.tobytes() for name, a in node.engine.arrays.items()}
+    npz = node.checkpoint(background=True)
+    saved = {name: a.copy() for name, a in node.engine.arrays.items()}
+    for a in node.engine.arrays.values():          # every page now differs from the child's view
+        a.reshape(-1).view(np.uint8)[:] = 0xA5
+    for name, a in saved.items():
+        node.engine.arrays[name][...] = a
+    node.apply_and_append(q[300:], BD)
+    live = {name: a.tobytes() for name, a in node.engine.arrays.items()}
+    node._checkpoint_thread.join()
+    assert not node.checkpoint_in_progress()
+    assert {name: a.tobytes() for name, a in load_npz(npz).items()} == at_checkpoint
+    assert json.load(open(npz[:-4] + ".json"))["seq"] == node.checkpoint_seq
+    node.close()
+    node = Node.open(path)
+    try:
+        assert node.checkpoint_seq > 0
+        assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
+    finally:
+        node.close()
