@@ -83,14 +83,19 @@ def small_batches_dir(tmp_path):
     return path, live
 
 
-def test_small_batches_recover_exactly_from_checkpoint_and_genesis(small_batches_dir, tmp_path):
-    path, live = small_batches_dir
+def assert_recovers_from_checkpoint(path: str, live: dict) -> None:
+    """Node.open recovers from a checkpoint to exactly the arrays the live engine had."""
     node = Node.open(path)
     try:
         assert node.checkpoint_seq > 0
         assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
     finally:
         node.close()
+
+
+def test_small_batches_recover_exactly_from_checkpoint_and_genesis(small_batches_dir, tmp_path):
+    path, live = small_batches_dir
+    assert_recovers_from_checkpoint(path, live)
     shutil.rmtree(os.path.join(path, "checkpoints"))
     node = Node.open(path)
     try:
@@ -216,9 +221,4 @@ def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
     assert {name: a.tobytes() for name, a in load_npz(npz).items()} == at_checkpoint
     assert json.load(open(npz[:-4] + ".json"))["seq"] == node.checkpoint_seq
     node.close()
-    node = Node.open(path)
-    try:
-        assert node.checkpoint_seq > 0
-        assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
-    finally:
-        node.close()
+    assert_recovers_from_checkpoint(path, live)
