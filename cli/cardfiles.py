@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from yikatong import _cardfiles
-from yikatong.engine import (REQUEST_DTYPE, Cmd, CardFlag, CardStatus, ResFlag, new_requests, rc,
-                             rc_str)
+from yikatong.engine import (REQUEST_DTYPE, RESULT_DTYPE, Cmd, CardFlag, CardStatus, ResFlag, new_requests,
+                             rc, rc_str)
 from yikatong.engine.cardkeys import CardKeys
 from yikatong.engine.demo import citizen_check_char, luhn_ok
 
@@ -272,11 +272,14 @@ def _apply_journaled(node, requests: np.ndarray, business_date: int, wait: bool 
     out = np.empty(requests.shape[0], dtype=[("code", "<u2"), ("outcome_flags", "u1"), ("card_slot", "<i4")])
     tickets = [] if tickets is None else tickets
     last = None
+    # one results buffer for every batch: its answers are copied into `out` before the next
+    # batch (a fresh 16 MiB array per batch was 1.3 GB of page faults per 10 M cards)
+    answers = np.empty(min(requests.shape[0], JOURNAL_BATCH_ROWS), dtype=RESULT_DTYPE)
     for first in range(0, requests.shape[0], JOURNAL_BATCH_ROWS):
         batch = requests[first:first + JOURNAL_BATCH_ROWS]
         if prepare is not None:
             prepare(batch)
-        ticket, results = node.submit(batch, business_date)
+        ticket, results = node.submit(batch, business_date, results=answers)
         part = out[first:first + results.shape[0]]
         part["code"] = results["code"]
         part["outcome_flags"] = results["outcome_flags"]

@@ -337,10 +337,13 @@ class Node:
         return None
 
     # ---- the write path -----------------------------------------------------------------------
-    def submit(self, requests: np.ndarray, business_date: int | None = None) -> tuple[int, np.ndarray]:
+    def submit(self, requests: np.ndarray, business_date: int | None = None,
+               results: np.ndarray | None = None) -> tuple[int, np.ndarray]:
         """Apply a batch in memory and hand its records to the writer process; return
         (ticket, results). The results may leave only after `wait_durable(ticket)` returned —
-        meanwhile the caller may apply the next batch (pipelining, DESIGN.md §5)."""
+        meanwhile the caller may apply the next batch (pipelining, DESIGN.md §5). `results`: a
+        RESULT_DTYPE buffer to answer into (the journal's records are built from it before this
+        returns, so the caller may reuse it for its next batch once it has read the answers)."""
         if self.failed:
             raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
         business_date = business_date or self.business_date
@@ -348,7 +351,7 @@ class Node:
             raise LedgerError(f"business date {business_date} is before the node's {self.business_date} "
                               f"(after a cutover, 日切, the old date is closed)")
         self.business_date = business_date
-        results = self.engine.apply_batch(requests, business_date=business_date)
+        results = self.engine.apply_batch(requests, results, business_date=business_date)
         # built where the writer process reads them (its shared ring), when there is room
         records = records_from_batch(requests, results, self.journal.last_seq + 1, business_date,
                                      out=self.journal.ring_records(requests.shape[0]))
