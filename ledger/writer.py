@@ -153,13 +153,24 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
             queued[0] += 1
             chain[0] = digest
 
-    threading.Thread(target=reader, daemon=True).start()
+    def read_all():
+        try:
+            reader()
+        except BaseException as e:  # noqa: BLE001 — the main thread fails the next batch with it
+            inbox.put(f"{type(e).__name__}: {e}")
+
+    threading.Thread(target=read_all, daemon=True).start()
     while True:
         msg = inbox.get()
         taken[0] += 1
         if msg is None:
             env.close()
             return 0
+        if isinstance(msg, str):                  # the reader failed: nothing more is committed
+            _fail(fd_out, batch_no + 1, f"reading or hashing batch {batch_no + 1} failed ({msg}); "
+                                        f"the node stops (fail-stop)")
+            env.close()
+            return 4
         # Group commit across batches: whatever else is already queued joins this transaction
         # (each batch keeps its own header and place in the chain, and its own ack). Under load
         # this amortises one commit's fsyncs over every batch that arrived during the previous
@@ -170,6 +181,9 @@ def serve(journal_path: str, map_size_bytes: int, fd_in: int, fd_out: int, ring_
             try:
                 more = inbox.get_nowait()
             except queue.Empty:
+                break
+            if isinstance(more, str):
+                inbox.put(more)                   # after this group: fail the batch after it
                 break
             taken[0] += 1
             if more is None:

@@ -66,3 +66,25 @@ def test_close_while_a_ring_view_is_held(tmp_path):
     reader = Journal(str(tmp_path), readonly=True)
     assert reader.read().tobytes() == view.tobytes()
     reader.close()
+
+
+def test_writer_fails_the_next_batch_when_its_reader_breaks(tmp_path):
+    """The node dies in the middle of a message: the writer's reader thread fails (EOFError), and
+    the writer answers the next batch with a failure and exits 4 instead of waiting forever."""
+    import os
+    import subprocess
+    import sys
+    from yikatong.ledger import writer
+    Journal(str(tmp_path), create=True).close()
+    proc = subprocess.Popen([sys.executable, "-m", "yikatong.ledger.writer", str(tmp_path / "journal.lmdb"),
+                             str(1 << 30), str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    ready = proc.stdout.read(writer.ACK.size + 32)
+    assert writer.ACK.unpack(ready[:writer.ACK.size]) == (0, 0, 32)
+    proc.stdin.write(writer.MSG.pack(writer.KIND_APPEND, BD, 1, 1, 1, 0)[:10])     # 10 of 40 bytes
+    proc.stdin.close()
+    bno, status, length = writer.ACK.unpack(proc.stdout.read(writer.ACK.size))
+    message = proc.stdout.read(length).decode()
+    assert (bno, status) == (1, 1)
+    assert message == ("reading or hashing batch 1 failed (EOFError: pipe closed after 10 of 40 bytes); "
+                       "the node stops (fail-stop)")
+    assert proc.wait(timeout=30) == 4
