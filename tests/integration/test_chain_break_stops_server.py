@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from tests.ledger_faults import flip_byte_in_file
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 from yikatong.ledger.journal import Journal
@@ -26,14 +27,7 @@ def test_background_chain_break_stops_the_server(tmp_path):
     victim = j.read(700, 700).tobytes()                 # a settlement in batch 4 (310…809), before the checkpoint
     last_seq = j.last_seq
     j.close()
-    path = os.path.join(data, "journal.lmdb", "data.mdb")
-    raw = bytearray(open(path, "rb").read())
-    at = raw.find(victim)
-    assert at >= 0
-    while at >= 0:
-        raw[at + 250] ^= 0x40
-        at = raw.find(victim, at + 1)
-    open(path, "wb").write(bytes(raw))
+    flip_byte_in_file(os.path.join(data, "journal.lmdb", "data.mdb"), victim, 250)
 
     proc = subprocess.Popen(YIKATONG + ["serve", "--data", data, "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.ledger_faults import flip_byte_in_file
 from yikatong.engine import Cmd, rc_str
 from yikatong.engine.builders import medical, request
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
@@ -92,17 +93,6 @@ def test_verify_ok_counts(node_dir):
     report = verify(node_dir)
     assert report == {"batches": 15, "records": 6000 + 100309 - 100000, "checkpoints": 3,
                       "business_dates": 2, "last_seq": 6309, "cutovers": 0}
-
-
-def flip_byte_in_file(path: str, needle: bytes, offset_in_needle: int):
-    """Flip one byte in every copy of `needle` in the file (LMDB keeps older page versions)."""
-    data = bytearray(open(path, "rb").read())
-    at = data.find(needle)
-    assert at >= 0, "the bytes to corrupt were not found in the file"
-    while at >= 0:
-        data[at + offset_in_needle] ^= 0x40
-        at = data.find(needle, at + 1)
-    open(path, "wb").write(bytes(data))
 
 
 def corrupt_copy(node_dir, tmp_path, name="flip") -> str:

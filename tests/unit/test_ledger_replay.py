@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests.ledger_faults import flip_byte_in_file
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.demo import demo_engine
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
@@ -105,20 +106,12 @@ def test_small_batches_recover_exactly_from_checkpoint_and_genesis(small_batches
 
 
 def flip_value_byte(path: str, first_seq: int, offset: int):
-    """Flip one byte of the journal value keyed `first_seq` in data.mdb (in every copy: LMDB
-    keeps older versions of a page)."""
+    """Flip one byte of the journal value keyed `first_seq` in data.mdb."""
     j = Journal(path, readonly=True)
     with j.env.begin() as txn:
         value = txn.get(first_seq.to_bytes(8, "big"), db=j.journal_db)
     j.close()
-    data_path = os.path.join(path, "journal.lmdb", "data.mdb")
-    data = bytearray(open(data_path, "rb").read())
-    at = data.find(value)
-    assert at >= 0
-    while at >= 0:
-        data[at + offset] ^= 0x40
-        at = data.find(value, at + 1)
-    open(data_path, "wb").write(bytes(data))
+    flip_byte_in_file(os.path.join(path, "journal.lmdb", "data.mdb"), value, offset)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])

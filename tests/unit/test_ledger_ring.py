@@ -1,8 +1,13 @@
 """The writer's shared ring (ledger/writer.py): batches placed in the ring, wrapping around it,
 and batches the ring cannot take (too large, or it is full of unacknowledged batches) sent
 through the pipe instead — the journal holds exactly the records submitted, in order, chained."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 
+from yikatong.ledger import writer
 from yikatong.ledger.journal import Journal, batch_hash
 from yikatong.ledger.records import RECORD_DTYPE
 
@@ -71,10 +76,6 @@ def test_close_while_a_ring_view_is_held(tmp_path):
 def test_writer_fails_the_next_batch_when_its_reader_breaks(tmp_path):
     """The node dies in the middle of a message: the writer's reader thread fails (EOFError), and
     the writer answers the next batch with a failure and exits 4 instead of waiting forever."""
-    import os
-    import subprocess
-    import sys
-    from yikatong.ledger import writer
     Journal(str(tmp_path), create=True).close()
     proc = subprocess.Popen([sys.executable, "-m", "yikatong.ledger.writer", str(tmp_path / "journal.lmdb"),
                              str(1 << 30), str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
