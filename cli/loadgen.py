@@ -102,7 +102,6 @@ class LoadConnection(asyncio.Protocol):
         self.stan_step = stan_step
         self.inflight = 0
         self.backlog_times = collections.deque()     # open loop: scheduled, not yet sent (chunks)
-        self.replies = np.zeros(4096, _client.REPLY_DTYPE)
         self.out = bytearray(run.window * self.factory.frame_bytes_max())
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -129,23 +128,9 @@ class LoadConnection(asyncio.Protocol):
 
     def data_received(self, data):
         frames = self.framer.feed(data)
-        n = len(frames)
-        if not n:
-            return
-        now = time.perf_counter()
-        if n > len(self.replies):
-            self.replies = np.zeros(n, _client.REPLY_DTYPE)
-        undecodable = _client.scan_replies(frames, self.session.mac_key, MAC_ALGORITHMS[self.session.mac_alg], self.replies)
-        r = self.replies[:n]
-        self.inflight -= n
-        slot = r["stan"] & (RING - 1)
-        self.run.record(r, now - self.send_time[slot], self.sent_kind[slot], undecodable, self.session)
-        if self.run.open_loop:
-            self._send_backlog()
-        elif not self.run.stopping:
-            self.send(n)
-        if self.run.done():
-            self.run.finished.set()
+        if frames:
+            # checked later in this loop iteration, together with the other connections' replies
+            self.run.arrived(self, frames)
 
     def _send_backlog(self):
         while self.backlog_times and self.inflight < self.run.window:
@@ -201,6 +186,11 @@ class LoadRun:
         self.finished = asyncio.Event()
         self.started = None
         self.progress = None
+        # replies that arrived in this loop iteration, per connection: (conn, frames, time)
+        self.arrivals = []
+        self.scan_scheduled = False
+        self.replies = np.zeros(4096, _client.REPLY_DTYPE)
+        self.ticker = None                 # open loop: sends what is due (called on every reply pass too)
 
     def draw(self, count: int):
         """(kinds, cards, amounts) for the next `count` requests, from the pools."""
@@ -224,10 +214,56 @@ class LoadRun:
             return self.received >= self.count
         return self.stopping and all(c.inflight == 0 for c in self.connections)
 
-    def record(self, replies, latency_s, kinds, undecodable, session):
+    def arrived(self, conn, frames):
+        if not self.arrivals and not self.scan_scheduled:
+            self.scan_scheduled = True
+            asyncio.get_running_loop().call_soon(self.scan_arrivals)
+        self.arrivals.append((conn, frames, time.perf_counter()))
+
+    def scan_arrivals(self):
+        """Every reply that arrived in this loop iteration, from every connection: one
+        scan_replies call (MACs verified in full bitsliced groups, not a handful per
+        connection), then the bookkeeping per connection run."""
+        self.scan_scheduled = False
+        arrivals, self.arrivals = self.arrivals, []
+        if not arrivals:
+            return
+        frames = []
+        keys = []
+        algs = []
+        for conn, fs, _ in arrivals:
+            frames += fs
+            keys.append(conn.session.mac_key * len(fs))
+            algs.append(bytes((MAC_ALGORITHMS[conn.session.mac_alg],)) * len(fs))
+        n = len(frames)
+        if n > len(self.replies):
+            self.replies = np.zeros(max(n, 2 * len(self.replies)), _client.REPLY_DTYPE)
+        undecodable = _client.scan_replies(frames, b"".join(keys), b"".join(algs), self.replies)
+        self.undecodable += undecodable
+        at = 0
+        for conn, fs, now in arrivals:
+            k = len(fs)
+            r = self.replies[at:at + k]
+            at += k
+            conn.inflight -= k
+            slot = r["stan"] & (RING - 1)
+            self.record(r, now - conn.send_time[slot], conn.sent_kind[slot], conn.session)
+            if not self.open_loop and not self.stopping:
+                conn.send(k)
+        if self.open_loop:
+            if self.ticker is not None:
+                self.ticker()                  # what fell due meanwhile, without waiting for the timer
+            for conn, _, _ in arrivals:
+                if conn.backlog_times:
+                    conn._send_backlog()
+        if self.progress:
+            self.progress.update(n)
+        if self.done():
+            self.finished.set()
+
+    def record(self, replies, latency_s, kinds, session):
         n = len(replies)
         self.received += n
-        self.undecodable += undecodable
         ok = replies["decoded"] == 1
         self.mac_bad += int(np.count_nonzero(ok & (replies["mac_ok"] == 0)))
         self.latencies.append(latency_s.astype(np.float32))
@@ -239,8 +275,6 @@ class LoadRun:
             self.approved_amount.append(replies["amount_fen"][approved].copy())
             session.debit_fen += int(replies["amount_fen"][approved].sum())
             session.debit_count += int(np.count_nonzero(approved))
-        if self.progress:
-            self.progress.update(n)
 
 
 def _percentiles(lat_ms):
@@ -322,28 +356,38 @@ def _stop(run):
 
 async def _open_loop_ticker(run):
     """Schedule requests at the offered rate, spread over the connections; a full window leaves
-    them queued in the client with their scheduled time (latency counts the wait)."""
+    them queued in the client with their scheduled time (latency counts the wait). What is due
+    is sent every millisecond and, between, whenever replies are processed (the timer alone
+    would add up to a tick to every request)."""
     rate = run.args.rate
     start = time.perf_counter()
-    scheduled = 0
-    k = 0
+    state = {"scheduled": 0, "k": 0}
     conns = run.connections
-    while not run.stopping and (not run.count or scheduled < run.count):
-        await asyncio.sleep(0.001)
+
+    def send_due(min_due=64):
+        scheduled = state["scheduled"]
         now = time.perf_counter()
         due = int((now - start) * rate) - scheduled
         if run.count:
             due = min(due, run.count - scheduled)
-        if due <= 0:
-            continue
+        # between ticks only chunks of ≥ 64 (Python per chunk, MACs batched 64 lanes wide);
+        # the tick sends whatever is due
+        if due <= 0 or due < min_due:
+            return
         times = start + (scheduled + np.arange(due)) / rate
-        scheduled += due
-        per = max(64, due // len(conns))       # chunks of ≥ 64: Python per chunk, and MACs batched 64 lanes wide
+        state["scheduled"] = scheduled + due
+        per = max(64, due // len(conns))
         for i in range(0, due, per):
-            conn = conns[k % len(conns)]
-            k += 1
+            conn = conns[state["k"] % len(conns)]
+            state["k"] += 1
             conn.backlog_times.append(times[i:i + per])
             conn._send_backlog()
+
+    run.ticker = send_due
+    while not run.stopping and (not run.count or state["scheduled"] < run.count):
+        await asyncio.sleep(0.001)
+        send_due(1)
+    run.ticker = None
 
 
 def ledger_check(data_dir: str, rrn: np.ndarray, amount: np.ndarray) -> dict:

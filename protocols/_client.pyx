@@ -147,18 +147,31 @@ cdef class RequestFactory:
         return pos
 
 
-def scan_replies(list frames not None, bytes mac_key not None, int mac_algorithm, cnp.ndarray out not None) -> int:
+def scan_replies(list frames not None, bytes mac_key not None, mac_algorithm, cnp.ndarray out not None) -> int:
     """Reply frame bodies → rows of REPLY_DTYPE (STAN, MTI, code, RRN, amount, MAC verified);
-    returns how many failed to decode or to verify."""
+    returns how many failed to decode or to verify.
+
+    `mac_key`: one 16-byte key for every frame, or 16 bytes per frame (frame i's key at 16·i) so
+    that the replies of many connections are verified in one call, the MAC lanes full;
+    `mac_algorithm`: an int for every frame, or bytes with one per frame."""
     cdef Py_ssize_t n = PyList_GET_SIZE(frames), i, m = 0, bad = 0
-    if out.dtype != REPLY_DTYPE or out.shape[0] < n or len(mac_key) != 16:
-        raise ValueError("scan_replies: out must be REPLY_DTYPE with a row per frame; mac_key 16 bytes")
+    cdef Py_ssize_t key_stride = 16 if (n > 1 and len(mac_key) == 16 * n) else 0
+    cdef bint alg_each = not isinstance(mac_algorithm, int)
+    cdef const uint8_t* alg_of = NULL
+    cdef int alg_all = 0
+    if out.dtype != REPLY_DTYPE or out.shape[0] < n or (len(mac_key) != 16 and len(mac_key) != 16 * n):
+        raise ValueError("scan_replies: out must be REPLY_DTYPE with a row per frame; mac_key 16 bytes, or 16 per frame")
+    if alg_each:
+        if not isinstance(mac_algorithm, bytes) or len(mac_algorithm) != n:
+            raise ValueError(f"scan_replies: mac_algorithm: expecting an int or bytes of {n} (one per frame), got {type(mac_algorithm).__name__}")
+        alg_of = <const uint8_t*>PyBytes_AS_STRING(mac_algorithm)
+    else:
+        alg_all = mac_algorithm
     cdef uint8_t* rows = <uint8_t*>cnp.PyArray_DATA(out)
     cdef Py_ssize_t stride = out.dtype.itemsize
     cdef Loc loc[65]
     cdef Wire w
     cdef const uint8_t* b
-    cdef const uint8_t* key
     cdef Py_ssize_t size
     cdef uint8_t* r
     cdef uint64_t v
@@ -169,6 +182,8 @@ def scan_replies(list frames not None, bytes mac_key not None, int mac_algorithm
     cdef uint8_t* macs = <uint8_t*>malloc(8 * (n + 1))
     cdef int32_t* which = <int32_t*>malloc(sizeof(int32_t) * (n + 1))
     cdef const uint8_t** given = <const uint8_t**>malloc(sizeof(uint8_t*) * (n + 1))
+    cdef uint8_t* keys = <uint8_t*>malloc(16 * (n + 1))
+    cdef const uint8_t* key_all = <const uint8_t*>PyBytes_AS_STRING(mac_key)
     try:
         for i in range(n):
             frame = <object>PyList_GET_ITEM(frames, i)
@@ -200,17 +215,17 @@ def scan_replies(list frames not None, bytes mac_key not None, int mac_algorithm
             if (w.present >> 63) & 1:
                 data[m] = b + 11
                 length[m] = <uint32_t>(loc[64].off - 11)
-                algs[m] = <uint8_t>mac_algorithm
+                algs[m] = alg_of[i] if alg_each else <uint8_t>alg_all
+                memcpy(keys + 16 * m, key_all + key_stride * i, 16)      # the MAC'd frames' keys, packed
                 given[m] = b + loc[64].off
                 which[m] = <int32_t>i
                 m += 1
-        key = <const uint8_t*>PyBytes_AS_STRING(mac_key)
         with nogil:
             if m:
-                mac_many(data, length, key, 0, algs, macs, m)
+                mac_many(data, length, keys, 16, algs, macs, m)
             for i in range(m):
                 if memcmp(macs + 8 * i, given[i], 8) == 0:
                     rows[which[i] * stride + 8] = 1
     finally:
-        free(data); free(length); free(algs); free(macs); free(which); free(given)
+        free(data); free(length); free(algs); free(macs); free(which); free(given); free(keys)
     return bad

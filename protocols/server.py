@@ -64,6 +64,10 @@ class Metrics:
         self.batch_sizes = np.zeros(len(BATCH_BUCKETS) + 1, np.int64)
         self.commit_ms = np.zeros(len(COMMIT_BUCKETS_MS) + 1, np.int64)
         self.commit_ms_sum = 0.0
+        # frame arrival → reply written, per message; a batch's messages all count as its oldest
+        # frame (an upper bound for each): what the server itself adds to a terminal's wait
+        self.reply_ms = np.zeros(len(COMMIT_BUCKETS_MS) + 1, np.int64)
+        self.reply_ms_sum = 0.0
         self.connections = 0
         self.connections_total = 0
         self.backpressure_events = 0
@@ -106,7 +110,9 @@ class Metrics:
         for name, buckets, counts, total, help_ in (
                 ("yikatong_batch_size", BATCH_BUCKETS, self.batch_sizes, None, "Messages per engine batch."),
                 ("yikatong_commit_latency_ms", COMMIT_BUCKETS_MS, self.commit_ms, self.commit_ms_sum,
-                 "Submit to durable acknowledgement of a batch, milliseconds.")):
+                 "Submit to durable acknowledgement of a batch, milliseconds."),
+                ("yikatong_reply_latency_ms", COMMIT_BUCKETS_MS, self.reply_ms, self.reply_ms_sum,
+                 "Frame arrival to reply written, per message (the oldest frame of its batch), milliseconds.")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
             cumulative = np.cumsum(counts)
             for le, c in zip(buckets, cumulative[:-1]):
@@ -232,13 +238,14 @@ class Batch:
     """A batch's replies, held until its commit is acknowledged. `sign_wires`: its wire rows
     while its replies' MACs are not computed yet (Server._process signs them with the next
     batch's request MACs, or _deliver does, whichever comes first)."""
-    __slots__ = ("ticket", "out", "runs", "extra", "submitted_at", "count", "close", "sign_wires")
+    __slots__ = ("ticket", "out", "runs", "extra", "submitted_at", "count", "close", "sign_wires", "arrived_at")
 
-    def __init__(self, ticket, out, runs, extra, count, close=(), sign_wires=None):
+    def __init__(self, ticket, out, runs, extra, count, close=(), sign_wires=None, arrived_at=None):
         self.ticket, self.out, self.runs, self.extra, self.count = ticket, out, runs, extra, count
         self.close = close
         self.sign_wires = sign_wires
         self.submitted_at = time.perf_counter()
+        self.arrived_at = arrived_at             # loop.time() of the batch's oldest frame
 
 
 class Connection(asyncio.Protocol):
@@ -530,16 +537,16 @@ class Server:
                 self.pending_runs.pop(0)
             else:
                 self.pending_runs[0][1] = k - take
-        self.pending_since = self.loop.time()
+        arrived_at, self.pending_since = self.pending_since, self.loop.time()
         try:
-            self._process(frames, runs)
+            self._process(frames, runs, arrived_at)
         except LedgerError as e:
             self._fail(str(e))
             return
         if self.pending_frames and not self.flush_scheduled:
             self._schedule_flush()
 
-    def _process(self, frames, runs):
+    def _process(self, frames, runs, arrived_at=None):
         # Per batch, not per message: every step below is one C call over the rows (codec,
         # security, engine, _batch) or Python that runs per connection run or per rare message;
         # numpy is only reached for the unusual rows (management, invalid, mixed batches).
@@ -614,7 +621,7 @@ class Server:
             if owner is None:
                 owner = np.repeat(np.arange(len(runs)), [k for _, k in runs])
             close = {runs[owner[i]][0] for i in unanswerable.tolist()}
-        batch = Batch(ticket, out, byte_runs, extra_by_conn, n, close, sign_wires=wires)
+        batch = Batch(ticket, out, byte_runs, extra_by_conn, n, close, sign_wires=wires, arrived_at=arrived_at)
         if ticket is None and not self.inflight:
             self._deliver(batch)
         else:
@@ -682,6 +689,10 @@ class Server:
             if not conn.closed:
                 conn.transport.write(reply)
         view.release()
+        if batch.arrived_at is not None and batch.count:
+            ms = (self.loop.time() - batch.arrived_at) * 1000
+            self.metrics.reply_ms[bisect.bisect_left(COMMIT_BUCKETS_MS, ms)] += batch.count
+            self.metrics.reply_ms_sum += ms * batch.count
         for conn in batch.close:
             if not conn.closed:
                 log.warning("unanswerable frame, closing the connection", extra={"event": "frame_unanswerable"})

@@ -472,12 +472,19 @@ def test_metrics_count_what_was_sent(srv):
     assert "# TYPE yikatong_messages_total counter" in text
     before_ok, before_nsf = srv.metric(ok_name), srv.metric(nsf_name)
     t = load_terminal(srv)
+    replies_before = srv.metric("yikatong_reply_latency_ms_count")
+    reply_ms_before = srv.metric("yikatong_reply_latency_ms_sum")
     for k in range(300, 310):
         assert med(t, pan(k), 100)[1].code == "00"
     big = FIN0 + ins0(310) + 1
     assert med(t, pan(310), big, fo=big)[1].code == "51"                       # all self-paid
     assert srv.metric(ok_name) - before_ok == 10
     assert srv.metric(nsf_name) - before_nsf == 1
+    # the server's share of each reply's wait: one observation per message answered
+    assert srv.metric("yikatong_reply_latency_ms_count") - replies_before == 11
+    assert srv.metric("yikatong_reply_latency_ms_sum") > reply_ms_before       # each waited at least its commit
+    assert (srv.metric('yikatong_reply_latency_ms_bucket{le="+Inf"}')
+            == srv.metric("yikatong_reply_latency_ms_count"))
 
 
 # ---- 3. garbage --------------------------------------------------------------------------------
