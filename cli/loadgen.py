@@ -117,7 +117,13 @@ class LoadConnection(asyncio.Protocol):
         stans = (self.stan_next + self.stan_step * np.arange(count, dtype=np.int64)) % 999999 + 1
         self.stan_next += self.stan_step * count
         used = self.factory.build(kinds, stans.astype(np.uint32), cards, amounts, self.out)
-        self.send_time[stans & (RING - 1)] = time.perf_counter() if scheduled is None else scheduled[:count]
+        now = time.perf_counter()
+        if scheduled is None:
+            self.send_time[stans & (RING - 1)] = now
+        else:
+            self.send_time[stans & (RING - 1)] = scheduled[:count]
+            # open loop: how late the client itself sent them (part of the latency, reported apart)
+            self.run.send_lags.append((now - scheduled[:count]).astype(np.float32))
         self.sent_kind[stans & (RING - 1)] = kinds
         # a copy: uvloop keeps a reference to what the socket could not take yet, and self.out
         # is rewritten by the next send
@@ -179,6 +185,7 @@ class LoadRun:
         self.codes = collections.Counter()
         self.code_chunks = []
         self.latencies = []
+        self.send_lags = []
         self.approved_rrn = []
         self.approved_amount = []
         self.stopping = False
@@ -344,6 +351,8 @@ async def run_load(args, announce=print) -> dict:
               "batch_settlement": dict(collections.Counter(settled))}
     lat = np.concatenate(run.latencies) * 1000 if run.latencies else np.zeros(0)
     report["latency_ms"] = _percentiles(lat)
+    if run.send_lags:
+        report["send_lag_ms"] = _percentiles(np.concatenate(run.send_lags) * 1000)
     if args.data:
         report["ledger"] = ledger_check(args.data, rrn, amount)
     return report
@@ -420,6 +429,9 @@ def format_report(r: dict) -> str:
     ]
     if lat:
         lines.append(f"  latency   p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  p999 {lat['p999']:.2f} ms  max {lat['max']:.2f} ms")
+    lag = r.get("send_lag_ms")
+    if lag:
+        lines.append(f"  of which  client send lag (scheduled → written) p50 {lag['p50']:.2f} ms  p99 {lag['p99']:.2f} ms  max {lag['max']:.2f} ms")
     lines.append("  codes     " + "  ".join(f"{c}: {n:,}" for c, n in r["codes"].items()))
     lines.append(f"  MAC failures {r['mac_failures']}, undecodable {r['undecodable']}, connections lost {r['connections_lost']}")
     lines.append(f"  approved settlements {r['approved_settlements']:,} totalling {r['approved_fen']:,} fen")
