@@ -45,8 +45,9 @@ async def _request(reader, writer, frame: bytes) -> dict:
 
 
 class TerminalSession:
-    def __init__(self, tid, mac_alg):
+    def __init__(self, tid, mac_alg, index=0):
         self.tid, self.mac_alg = tid, mac_alg
+        self.index = index                 # row of LoadRun.debit_fen / debit_count
         self.pin_key = self.mac_key = None
         self.batch_no = 1
         self.stan = 0
@@ -96,8 +97,11 @@ class LoadConnection(asyncio.Protocol):
                                               session.mac_key, session.pin_key, MAC_ALGORITHMS[session.mac_alg])
         self.framer = Framer(4096)
         self.transport = None
-        self.send_time = np.zeros(RING, np.float64)
-        self.sent_kind = np.zeros(RING, np.uint8)
+        # this connection's rows of the run's tables (views: a reply pass reads them for every
+        # connection at once)
+        self.index = len(run.connections)
+        self.send_time = run.send_time[self.index]
+        self.sent_kind = run.sent_kind[self.index]
         self.stan_next = stan_base
         self.stan_step = stan_step
         self.inflight = 0
@@ -196,6 +200,11 @@ class LoadRun:
         # replies that arrived in this loop iteration, per connection: (conn, frames, time)
         self.arrivals = []
         self.scan_scheduled = False
+        self.connections = []
+        self.send_time = np.zeros((args.connections, RING), np.float64)     # [connection, STAN ring]
+        self.sent_kind = np.zeros((args.connections, RING), np.uint8)
+        self.debit_fen = None                # [terminal session]: what each was told, for its 0500
+        self.debit_count = None
         self.replies = np.zeros(4096, _client.REPLY_DTYPE)
         self.ticker = None                 # open loop: sends what is due (called on every reply pass too)
 
@@ -247,14 +256,16 @@ class LoadRun:
             self.replies = np.zeros(max(n, 2 * len(self.replies)), _client.REPLY_DTYPE)
         undecodable = _client.scan_replies(frames, b"".join(keys), b"".join(algs), self.replies)
         self.undecodable += undecodable
-        at = 0
-        for conn, fs, now in arrivals:
-            k = len(fs)
-            r = self.replies[at:at + k]
-            at += k
+        r = self.replies[:n]
+        # per row: its connection, the time its read arrived; then one pass over all rows
+        counts = [len(fs) for _, fs, _ in arrivals]
+        conn_of = np.repeat(np.array([c.index for c, _, _ in arrivals], np.int64), counts)
+        arrived_at = np.repeat(np.array([t for _, _, t in arrivals]), counts)
+        slot = r["stan"] & (RING - 1)
+        session_of = np.repeat(np.array([c.session.index for c, _, _ in arrivals], np.int64), counts)
+        self.record(r, arrived_at - self.send_time[conn_of, slot], self.sent_kind[conn_of, slot], session_of)
+        for (conn, _, _), k in zip(arrivals, counts):
             conn.inflight -= k
-            slot = r["stan"] & (RING - 1)
-            self.record(r, now - conn.send_time[slot], conn.sent_kind[slot], conn.session)
             if not self.open_loop and not self.stopping:
                 conn.send(k)
         if self.open_loop:
@@ -268,7 +279,7 @@ class LoadRun:
         if self.done():
             self.finished.set()
 
-    def record(self, replies, latency_s, kinds, session):
+    def record(self, replies, latency_s, kinds, session_of):
         n = len(replies)
         self.received += n
         ok = replies["decoded"] == 1
@@ -278,10 +289,11 @@ class LoadRun:
         # approvals that moved money: medical settlements (81) answered 00 or 10
         approved = ok & (kinds == _client.KIND_MED) & ((replies["code"] == b"00") | (replies["code"] == b"10"))
         if approved.any():
+            amounts = replies["amount_fen"][approved]
             self.approved_rrn.append(replies["rrn"][approved].copy())
-            self.approved_amount.append(replies["amount_fen"][approved].copy())
-            session.debit_fen += int(replies["amount_fen"][approved].sum())
-            session.debit_count += int(np.count_nonzero(approved))
+            self.approved_amount.append(amounts.copy())
+            np.add.at(self.debit_fen, session_of[approved], amounts)          # integer fen, per terminal
+            np.add.at(self.debit_count, session_of[approved], 1)
 
 
 def _percentiles(lat_ms):
@@ -297,10 +309,11 @@ async def run_load(args, announce=print) -> dict:
     if getattr(args, "mac", "x9.19") == "cups-ecb":
         terminals = [TerminalSession("T0000007", "cups-ecb")]          # DEMO.md's cups-ecb terminal
     else:
-        terminals = [TerminalSession(tid, "x9.19") for tid in GENERATED_TERMINALS[:args.terminals]]
+        terminals = [TerminalSession(tid, "x9.19", i) for i, tid in enumerate(GENERATED_TERMINALS[:args.terminals])]
+    run.debit_fen = np.zeros(len(terminals), np.int64)
+    run.debit_count = np.zeros(len(terminals), np.int64)
     await asyncio.gather(*(sign_on(args.host, args.port, s, tmk) for s in terminals))
     loop = asyncio.get_running_loop()
-    run.connections = []
     per_terminal = collections.Counter()
     plan = []
     for c in range(args.connections):
@@ -336,6 +349,9 @@ async def run_load(args, announce=print) -> dict:
         conn.transport.close()
     # what each terminal was told, then 0500: do the server's totals agree? (opens a new batch,
     # so that the next run's STANs do not repeat this one's duplicate keys)
+    for session in terminals:
+        session.debit_fen = int(run.debit_fen[session.index])
+        session.debit_count = int(run.debit_count[session.index])
     settled = await asyncio.gather(*(settle(args.host, args.port, s) for s in terminals))
     if run.code_chunks:
         codes, counts = np.unique(np.concatenate(run.code_chunks), return_counts=True)
