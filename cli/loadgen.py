@@ -196,6 +196,7 @@ class LoadRun:
         self.closing = False
         self.finished = asyncio.Event()
         self.started = None
+        self.last_reply_at = time.perf_counter()
         self.progress = None
         # replies that arrived in this loop iteration, per connection: (conn, frames, time)
         self.arrivals = []
@@ -244,6 +245,7 @@ class LoadRun:
         arrivals, self.arrivals = self.arrivals, []
         if not arrivals:
             return
+        self.last_reply_at = arrivals[-1][2]
         frames = []
         keys = []
         algs = []
@@ -327,7 +329,7 @@ async def run_load(args, announce=print) -> dict:
         run.connections.append(conn)
     total = args.count or int(args.duration * (args.rate or 100_000))
     run.progress = Progress(total, "load", unit="msg")
-    run.started = time.perf_counter()
+    run.started = run.last_reply_at = time.perf_counter()
     if run.open_loop:
         asyncio.ensure_future(_open_loop_ticker(run))
     else:
@@ -335,11 +337,17 @@ async def run_load(args, announce=print) -> dict:
             conn.send(run.window)
     if not args.count:
         loop.call_later(args.duration, _stop, run)
+    # FIX: the wait below used to time out reply_timeout after the start whatever the replies did
+    # (`finished` is set only at the end), so a run longer than that — a --duration run, or a
+    # slow server — stopped as if no reply had come. The timeout now runs from the last reply.
     while not run.done() and run.lost == 0:
         run.finished.clear()
+        left_s = args.reply_timeout - (time.perf_counter() - run.last_reply_at)
         try:
-            await asyncio.wait_for(run.finished.wait(), timeout=args.reply_timeout)
+            await asyncio.wait_for(run.finished.wait(), timeout=max(left_s, 0.001))
         except asyncio.TimeoutError:
+            if time.perf_counter() - run.last_reply_at < args.reply_timeout:
+                continue
             announce(f"no reply for {args.reply_timeout} s: stopping ({run.sent - run.received} unanswered)")
             break
     elapsed = time.perf_counter() - run.started

@@ -69,3 +69,16 @@ def test_closed_loop_with_many_connections(tmp_path):
         report = load(srv, "--count", str(count), "--connections", "32", "--pipeline", "128")
         check_consistent(report, count, before, srv.data_dir)
         assert "send_lag_ms" not in report          # closed loop: sent when a slot frees, no schedule
+
+
+def test_a_run_longer_than_the_reply_timeout_is_not_cut_short(tmp_path):
+    """--reply-timeout is the longest wait for *a* reply, not for the whole run: a 3 s open-loop
+    run with a 1 s reply timeout runs to the end (it used to stop after 1 s, every window full
+    or not, as if the server had gone quiet)."""
+    count, rate = 6000, 2000
+    with ServerProcess(tmp_path / "node", loop="uvloop", cards=CARDS) as srv:
+        before = last_seq(srv.data_dir)
+        report = load(srv, "--count", str(count), "--rate", str(rate), "--connections", "4", "--pipeline", "64",
+                      "--reply-timeout", "1")
+        check_consistent(report, count, before, srv.data_dir)
+        assert report["elapsed_s"] >= (count - 1) / rate
