@@ -106,35 +106,38 @@ class LoadConnection(asyncio.Protocol):
         self.stan_step = stan_step
         self.inflight = 0
         self.backlog_times = collections.deque()     # open loop: scheduled, not yet sent (chunks)
-        self.out = bytearray(run.window * self.factory.frame_bytes_max())
+        self.frame_bytes_max = self.factory.frame_bytes_max()
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport):
         self.transport = transport
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def send(self, count: int, scheduled=None):
+    def plan(self, count: int, scheduled=None):
+        """Take `count` requests (fewer if the window or the run's count is short): their kinds,
+        cards, amounts and STANs, accounted as sent. Returns (self, kinds, stans, cards,
+        amounts) for send_planned, or None."""
         count = min(count, self.run.window - self.inflight, self.run.remaining())
         if count <= 0:
-            return 0
+            return None
         kinds, cards, amounts = self.run.draw(count)
         stans = (self.stan_next + self.stan_step * np.arange(count, dtype=np.int64)) % 999999 + 1
         self.stan_next += self.stan_step * count
-        used = self.factory.build(kinds, stans.astype(np.uint32), cards, amounts, self.out)
-        now = time.perf_counter()
         if scheduled is None:
-            self.send_time[stans & (RING - 1)] = now
+            self.send_time[stans & (RING - 1)] = time.perf_counter()
         else:
             self.send_time[stans & (RING - 1)] = scheduled[:count]
-            # open loop: how late the client itself sent them (part of the latency, reported apart)
-            self.run.send_lags.append((now - scheduled[:count]).astype(np.float32))
         self.sent_kind[stans & (RING - 1)] = kinds
-        # a copy: uvloop keeps a reference to what the socket could not take yet, and self.out
-        # is rewritten by the next send
-        self.transport.write(bytes(memoryview(self.out)[:used]))
         self.inflight += count
         self.run.sent += count
-        return count
+        return (self, kinds, stans.astype(np.uint32), cards, amounts, scheduled is not None and scheduled[:count])
+
+    def send(self, count: int, scheduled=None) -> int:
+        p = self.plan(count, scheduled)
+        if p is None:
+            return 0
+        send_planned([p], self.run)
+        return len(p[1])
 
     def data_received(self, data):
         frames = self.framer.feed(data)
@@ -142,16 +145,18 @@ class LoadConnection(asyncio.Protocol):
             # checked later in this loop iteration, together with the other connections' replies
             self.run.arrived(self, frames)
 
-    def _send_backlog(self):
+    def plan_backlog(self, plans: list):
+        """Open loop: plan what this connection's window lets go of its scheduled backlog."""
         while self.backlog_times and self.inflight < self.run.window:
             times = self.backlog_times[0]
-            sent = self.send(len(times), times)
-            if sent == 0:
+            p = self.plan(len(times), times)
+            if p is None:
                 break
-            if sent == len(times):
+            plans.append(p)
+            if len(p[1]) == len(times):
                 self.backlog_times.popleft()
             else:
-                self.backlog_times[0] = times[sent:]
+                self.backlog_times[0] = times[len(p[1]):]
 
     def connection_lost(self, exc):
         if not self.closed.done():
@@ -159,6 +164,24 @@ class LoadConnection(asyncio.Protocol):
         if not self.run.closing:
             self.run.lost += 1
         self.run.finished.set()
+
+
+def send_planned(plans: list, run) -> None:
+    """Build the planned requests of several connections with one MAC pass (_client.build_many)
+    and write each connection's frames."""
+    if not plans:
+        return
+    # a buffer per plan (a connection may have two plans in one pass), written as is: uvloop
+    # keeps a reference to what the socket could not take yet, and nothing rewrites it
+    outs = [bytearray(len(p[1]) * p[0].frame_bytes_max) for p in plans]
+    used = _client.build_many([p[0].factory for p in plans], [p[1] for p in plans], [p[2] for p in plans],
+                              [p[3] for p in plans], [p[4] for p in plans], outs)
+    now = time.perf_counter()
+    for (conn, _, _, _, _, scheduled), out, n in zip(plans, outs, used):
+        if scheduled is not False:
+            # open loop: how late the client itself sent them (part of the latency, reported apart)
+            run.send_lags.append((now - scheduled).astype(np.float32))
+        conn.transport.write(memoryview(out)[:n])
 
 
 class LoadRun:
@@ -266,16 +289,20 @@ class LoadRun:
         slot = r["stan"] & (RING - 1)
         session_of = np.repeat(np.array([c.session.index for c, _, _ in arrivals], np.int64), counts)
         self.record(r, arrived_at - self.send_time[conn_of, slot], self.sent_kind[conn_of, slot], session_of)
+        plans = []
         for (conn, _, _), k in zip(arrivals, counts):
             conn.inflight -= k
             if not self.open_loop and not self.stopping:
-                conn.send(k)
+                p = conn.plan(k)
+                if p is not None:
+                    plans.append(p)
         if self.open_loop:
             if self.ticker is not None:
-                self.ticker()                  # what fell due meanwhile, without waiting for the timer
+                self.ticker(plans=plans)       # what fell due meanwhile, without waiting for the timer
             for conn, _, _ in arrivals:
                 if conn.backlog_times:
-                    conn._send_backlog()
+                    conn.plan_backlog(plans)
+        send_planned(plans, self)
         if self.progress:
             self.progress.update(n)
         if self.done():
@@ -397,7 +424,7 @@ async def _open_loop_ticker(run):
     state = {"scheduled": 0, "k": 0}
     conns = run.connections
 
-    def send_due(min_due=64):
+    def send_due(min_due=64, plans=None):
         scheduled = state["scheduled"]
         now = time.perf_counter()
         due = int((now - start) * rate) - scheduled
@@ -410,11 +437,15 @@ async def _open_loop_ticker(run):
         times = start + (scheduled + np.arange(due)) / rate
         state["scheduled"] = scheduled + due
         per = max(64, due // len(conns))
+        mine = plans is None
+        plans = [] if mine else plans
         for i in range(0, due, per):
             conn = conns[state["k"] % len(conns)]
             state["k"] += 1
             conn.backlog_times.append(times[i:i + per])
-            conn._send_backlog()
+            conn.plan_backlog(plans)
+        if mine:
+            send_planned(plans, run)
 
     run.ticker = send_due
     while not run.stopping and (not run.count or state["scheduled"] < run.count):

@@ -34,6 +34,7 @@ cdef class RequestFactory:
     pre-settlement (83) and balance inquiry (PIN under the session PIN key), for cards given as
     an (n, 16) ASCII PAN array."""
     cdef tuple templates
+    cdef const uint8_t* tpl_bytes[3]     # into `templates`' bytes (kept alive by it)
     cdef int tlen[3], off_stan[3], off_pan[3], off_amount[3], off_is[3], off_pin[3], off_mac[3]
     cdef uint8_t mac_key[16]
     cdef uint8_t pin_key[16]
@@ -86,16 +87,15 @@ cdef class RequestFactory:
             self.off_pin[k] = offs[52][0] + 2 if 52 in offs else -1
             self.off_mac[k] = offs[64][0] + 2
         self.templates = tuple(built)
+        for k in range(KINDS):
+            self.tpl_bytes[k] = <const uint8_t*>PyBytes_AS_STRING(self.templates[k])
 
     def frame_bytes_max(self) -> int:
         return max(self.tlen[0], self.tlen[1], self.tlen[2])
 
-    def build(self, const uint8_t[:] kinds, const uint32_t[:] stans, const int64_t[:] cards,
-              const int64_t[:] amounts, bytearray out not None) -> int:
-        """Frames for rows 0..n-1 into `out` (consecutive); returns the bytes written."""
-        cdef Py_ssize_t n = kinds.shape[0], i, pos = 0, npin = 0, j
-        cdef int k
-        cdef int64_t card
+    cdef int _check(self, const uint8_t[:] kinds, const uint32_t[:] stans, const int64_t[:] cards,
+                    const int64_t[:] amounts, bytearray out) except -1:
+        cdef Py_ssize_t n = kinds.shape[0], i
         if stans.shape[0] < n or cards.shape[0] < n or amounts.shape[0] < n:
             raise ValueError("build: arrays shorter than kinds")
         if len(out) < n * self.frame_bytes_max():
@@ -103,48 +103,90 @@ cdef class RequestFactory:
         for i in range(n):
             if kinds[i] >= KINDS or cards[i] < 0 or cards[i] >= self.cards or amounts[i] < 0 or amounts[i] > 999999:
                 raise ValueError(f"build: row {i}: kind, card or amount out of range")
-        cdef uint8_t* o = <uint8_t*>(<char*>out)
-        cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (n + 1))
-        cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (n + 1))
-        cdef uint8_t* algs = <uint8_t*>malloc(n + 1)
-        cdef uint8_t* macs = <uint8_t*>malloc(8 * (n + 1))
-        cdef int32_t* mac_at = <int32_t*>malloc(sizeof(int32_t) * (n + 1))
+        return 0
+
+    cdef Py_ssize_t _fill(self, const uint8_t[:] kinds, const uint32_t[:] stans, const int64_t[:] cards,
+                          const int64_t[:] amounts, uint8_t* o, const uint8_t** data, uint32_t* length,
+                          uint8_t* algs, uint8_t* keys, uint8_t** mac_to) noexcept nogil:
+        """The frames of rows 0..n-1 at `o`, PIN blocks encrypted, MACs not yet computed: row i's
+        MAC input is data[i] / length[i], its key keys[16i:16i+16], its MAC goes to mac_to[i].
+        Returns the bytes written. (Checked by _check first.)"""
+        cdef Py_ssize_t n = kinds.shape[0], i, pos = 0, npin = 0, j
+        cdef int k
+        cdef int64_t card
         cdef uint8_t* blocks = <uint8_t*>malloc(8 * (n + 1))
         cdef int32_t* pin_at = <int32_t*>malloc(sizeof(int32_t) * (n + 1))
         cdef const uint8_t* tpl[3]
         for k in range(KINDS):
-            tpl[k] = <const uint8_t*>PyBytes_AS_STRING(self.templates[k])
-        try:
-            with nogil:
-                for i in range(n):
-                    k = kinds[i]
-                    card = cards[i]
-                    memcpy(o + pos, tpl[k], self.tlen[k])
-                    put_bcd(o + pos + self.off_stan[k], stans[i], 6)
-                    memcpy(o + pos + self.off_pan[k], self._pans_bcd + 8 * card, 8)
-                    if self.off_amount[k] >= 0:
-                        put_bcd(o + pos + self.off_amount[k], <uint64_t>amounts[i], 12)
-                        put_ascii_digits(o + pos + self.off_is[k], <uint64_t>amounts[i], IS_DIGITS)
-                    if self.off_pin[k] >= 0:
-                        memcpy(blocks + 8 * npin, self._pin_fields + 8 * card, 8)
-                        pin_at[npin] = <int32_t>(pos + self.off_pin[k])
-                        npin += 1
-                    data[i] = o + pos + 13
-                    length[i] = <uint32_t>(self.off_mac[k] - 13)
-                    algs[i] = self.alg
-                    mac_at[i] = <int32_t>(pos + self.off_mac[k])
-                    pos += self.tlen[k]
-                if npin:
-                    tdes_ecb_many(self.pin_key, 0, blocks, blocks, npin, 0)
-                    for j in range(npin):
-                        memcpy(o + pin_at[j], blocks + 8 * j, 8)
-                # the PIN blocks are in place before the MACs, which cover them
-                mac_many(data, length, self.mac_key, 0, algs, macs, n)
-                for i in range(n):
-                    memcpy(o + mac_at[i], macs + 8 * i, 8)
-        finally:
-            free(data); free(length); free(algs); free(macs); free(mac_at); free(blocks); free(pin_at)
+            tpl[k] = self.tpl_bytes[k]
+        for i in range(n):
+            k = kinds[i]
+            card = cards[i]
+            memcpy(o + pos, tpl[k], self.tlen[k])
+            put_bcd(o + pos + self.off_stan[k], stans[i], 6)
+            memcpy(o + pos + self.off_pan[k], self._pans_bcd + 8 * card, 8)
+            if self.off_amount[k] >= 0:
+                put_bcd(o + pos + self.off_amount[k], <uint64_t>amounts[i], 12)
+                put_ascii_digits(o + pos + self.off_is[k], <uint64_t>amounts[i], IS_DIGITS)
+            if self.off_pin[k] >= 0:
+                memcpy(blocks + 8 * npin, self._pin_fields + 8 * card, 8)
+                pin_at[npin] = <int32_t>(pos + self.off_pin[k])
+                npin += 1
+            data[i] = o + pos + 13
+            length[i] = <uint32_t>(self.off_mac[k] - 13)
+            algs[i] = self.alg
+            memcpy(keys + 16 * i, self.mac_key, 16)
+            mac_to[i] = o + pos + self.off_mac[k]
+            pos += self.tlen[k]
+        # the PIN blocks are in place before the MACs, which cover them
+        if npin:
+            tdes_ecb_many(self.pin_key, 0, blocks, blocks, npin, 0)
+            for j in range(npin):
+                memcpy(o + pin_at[j], blocks + 8 * j, 8)
+        free(blocks)
+        free(pin_at)
         return pos
+
+    def build(self, const uint8_t[:] kinds, const uint32_t[:] stans, const int64_t[:] cards,
+              const int64_t[:] amounts, bytearray out not None) -> int:
+        """Frames for rows 0..n-1 into `out` (consecutive); returns the bytes written."""
+        return build_many([self], [kinds], [stans], [cards], [amounts], [out])[0]
+
+
+def build_many(list factories not None, list kinds not None, list stans not None, list cards not None,
+               list amounts not None, list outs not None) -> list:
+    """RequestFactory.build for several terminals (factories[j] into outs[j]) with one MAC pass
+    over all their frames: the bitsliced MAC kernel then runs full-width groups instead of one
+    group per terminal's handful of frames. Returns the bytes written per factory."""
+    cdef Py_ssize_t m = len(factories), j, i, total = 0, at = 0
+    cdef RequestFactory f
+    if not (len(kinds) == len(stans) == len(cards) == len(amounts) == len(outs) == m):
+        raise ValueError("build_many: one kinds, stans, cards, amounts and out per factory")
+    for j in range(m):
+        f = <RequestFactory?>factories[j]
+        f._check(kinds[j], stans[j], cards[j], amounts[j], outs[j])
+        total += len(kinds[j])
+    cdef const uint8_t** data = <const uint8_t**>malloc(sizeof(uint8_t*) * (total + 1))
+    cdef uint32_t* length = <uint32_t*>malloc(sizeof(uint32_t) * (total + 1))
+    cdef uint8_t* algs = <uint8_t*>malloc(total + 1)
+    cdef uint8_t* keys = <uint8_t*>malloc(16 * (total + 1))
+    cdef uint8_t* macs = <uint8_t*>malloc(8 * (total + 1))
+    cdef uint8_t** mac_to = <uint8_t**>malloc(sizeof(uint8_t*) * (total + 1))
+    cdef list used = []
+    try:
+        for j in range(m):
+            f = <RequestFactory>factories[j]
+            used.append(f._fill(kinds[j], stans[j], cards[j], amounts[j], <uint8_t*>(<char*>outs[j]),
+                                data + at, length + at, algs + at, keys + 16 * at, mac_to + at))
+            at += len(kinds[j])
+        with nogil:
+            if total:
+                mac_many(data, length, keys, 16, algs, macs, total)
+            for i in range(total):
+                memcpy(mac_to[i], macs + 8 * i, 8)
+    finally:
+        free(data); free(length); free(algs); free(keys); free(macs); free(mac_to)
+    return used
 
 
 def scan_replies(list frames not None, bytes mac_key not None, mac_algorithm, cnp.ndarray out not None) -> int:

@@ -82,3 +82,46 @@ def test_bad_arguments_are_named(keys, algs, what):
     frames = [reply(i, "00", i, 1, KEY_A, X919) for i in range(3)]
     with pytest.raises(ValueError, match=what):
         _client.scan_replies(frames, keys, algs, np.zeros(3, _client.REPLY_DTYPE))
+
+
+def test_build_many_is_build_per_terminal_with_verifiable_macs():
+    """RequestFactory frames of several terminals built with one MAC pass are byte for byte the
+    frames each factory builds alone, and every MAC verifies under its own terminal's key."""
+    from yikatong.engine.demo import generated_pans
+    from yikatong.protocols import _codec
+    pans = generated_pans(0, 50)
+    terminals = [("T1000000", KEY_A, X919), ("T1000001", KEY_B, X919), ("T1000002", KEY_B, CUPS)]
+    factories = [_client.RequestFactory(tid, "H11000000000001", 3, pans, key, b"P" * 16, alg)
+                 for tid, key, alg in terminals]
+    rng = np.random.default_rng(7)
+    rows = []
+    for j in range(3):
+        n = [5, 70, 1][j]                                   # below, above and at one MAC group
+        rows.append((rng.integers(0, 3, n).astype(np.uint8), np.arange(1, n + 1, dtype=np.uint32) + 100 * j,
+                     rng.integers(0, 50, n).astype(np.int64), rng.integers(100, 20000, n).astype(np.int64)))
+    outs = [bytearray(len(r[0]) * f.frame_bytes_max()) for r, f in zip(rows, factories)]
+    used = _client.build_many(factories, *[[r[i] for r in rows] for i in range(4)], outs)
+    for (tid, key, alg), f, r, out, n in zip(terminals, factories, rows, outs, used):
+        alone = bytearray(len(r[0]) * f.frame_bytes_max())
+        assert f.build(*r, alone) == n
+        assert bytes(alone[:n]) == bytes(out[:n])
+        pos, count = 0, 0
+        while pos < n:
+            length = int.from_bytes(out[pos:pos + 2], "big")
+            body = bytes(out[pos + 2:pos + 2 + length])
+            pos += 2 + length
+            fields = _codec.decode_fields(body)
+            assert fields["41"] == tid and int(fields["11"]) == int(r[1][count])
+            assert fields["64"] == security.mac_of(ALG_NAMES[alg], key, body[11:-8])
+            count += 1
+        assert count == len(r[0])
+
+
+def test_build_many_refuses_mismatched_lists():
+    from yikatong.engine.demo import generated_pans
+    f = _client.RequestFactory("T1000000", "H11000000000001", 1, generated_pans(0, 5), KEY_A, KEY_B, X919)
+    one = np.zeros(1, np.uint8), np.ones(1, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64)
+    with pytest.raises(ValueError, match="one kinds, stans, cards, amounts and out per factory"):
+        _client.build_many([f, f], [one[0]], [one[1]], [one[2]], [one[3]], [bytearray(400)])
+    with pytest.raises(ValueError, match="row 0: kind, card or amount out of range"):
+        _client.build_many([f], [one[0]], [one[1]], [np.array([5], np.int64)], [one[3]], [bytearray(400)])
