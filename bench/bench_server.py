@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 
 from bench.conftest import size
@@ -28,10 +29,36 @@ def pinned(core: int) -> list:
 
 def start(cmd, cwd=None, env=None):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd, env=env)
+    proc.metrics_port = None
     for line in proc.stdout:
+        if line.startswith("metrics on"):
+            proc.metrics_port = int(line.rsplit(":", 1)[1])
         if line.startswith("listening on"):
             return proc, int(line.rsplit(":", 1)[1])
     raise RuntimeError(f"{cmd[0]} exited with {proc.wait()} before listening")
+
+
+def reply_histogram(metrics_port: int) -> dict:
+    """The server's yikatong_reply_latency_ms buckets (cumulative counts by upper bound, ms)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith('yikatong_reply_latency_ms_bucket{le="'):
+            le = line.split('"')[1]
+            buckets[float("inf") if le == "+Inf" else float(le)] = int(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Over one run (difference of two scrapes): the share of messages whose server-side wait
+    (frame read → reply written) was ≤ 5 and ≤ 10 ms, and the bucket bound holding the 99th
+    percentile."""
+    delta = {le: after[le] - before.get(le, 0) for le in after}
+    total = max(1, delta[float("inf")])
+    p99_le = next(le for le in sorted(delta) if delta[le] >= 0.99 * total)
+    return {"le5_pct": round(100 * delta.get(5.0, 0) / total, 2), "le10_pct": round(100 * delta.get(10.0, 0) / total, 2),
+            "p99_at_most_ms": p99_le}
 
 
 def cpu_ticks(pid: int) -> int:
@@ -89,14 +116,16 @@ def load(port: int, *extra) -> dict:
 def test_server_end_to_end(tmp_path, benchmark):
     count = size(60_000, 1_500_000)
     server, port = start(pinned(0) + [sys.executable, "-m", "yikatong.main", "serve", "--data", str(tmp_path / "node"),
-                                      "--demo", "--cards", str(CARDS), "--port", "0"])
+                                      "--demo", "--cards", str(CARDS), "--port", "0", "--metrics-port", "-1"])
     try:
         closed = benchmark.pedantic(load, args=(port, "--count", str(count), "--connections", "64",
                                                 "--pipeline", "128", "--data", str(tmp_path / "node")),
                                     rounds=1, iterations=1)
         rate = size(20_000, 150_000)
+        hist0 = reply_histogram(server.metrics_port)
         open_loop, open_cpu = cpu_per_message(server.pid, lambda: load(
             port, "--count", str(min(count, rate * 5)), "--rate", str(rate), "--connections", "64", "--pipeline", "256"))
+        open_server = server_side(hist0, reply_histogram(server.metrics_port))
         cups = load(port, "--count", str(size(20_000, 300_000)), "--mac", "cups-ecb", "--connections", "16",
                     "--pipeline", "256")
     finally:
@@ -124,13 +153,16 @@ def test_server_end_to_end(tmp_path, benchmark):
         "messages": closed["received"], "durable_per_s": round(closed["accepted_per_s"]),
         "latency_ms": closed["latency_ms"], "open_loop_rate": rate, "open_loop_latency_ms": open_loop["latency_ms"],
         "open_loop_accepted_per_s": round(open_loop["accepted_per_s"]), "open_loop_cpu": open_cpu,
+        "open_loop_send_lag_ms": open_loop["send_lag_ms"], "open_loop_server_side": open_server,
         "cups_ecb_per_s": round(cups["accepted_per_s"]), "baseline_per_s": round(baseline_rate),
         "ratio_vs_baseline": round(ratio, 1), "checksum_approved_fen": closed["approved_fen"]})
     lat, olat = closed["latency_ms"], open_loop["latency_ms"]
     print(f"\nserver end to end: {closed['received']:,} messages, {closed['accepted_per_s']:,.0f} durable MAC-checked "
           f"msg/s closed loop (64 conn × 128), p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms p999 {lat['p999']:.1f} ms; "
           f"open loop at {rate:,}/s: accepted {open_loop['accepted_per_s']:,.0f}/s, p50 {olat['p50']:.1f} ms "
-          f"p99 {olat['p99']:.1f} ms p999 {olat['p999']:.1f} ms max {olat['max']:.1f} ms, CPU per message "
+          f"p99 {olat['p99']:.1f} ms p999 {olat['p999']:.1f} ms max {olat['max']:.1f} ms (client send lag p99 "
+          f"{open_loop['send_lag_ms']['p99']:.1f} ms; server side ≤ 5 ms {open_server['le5_pct']} %, ≤ 10 ms "
+          f"{open_server['le10_pct']} %, p99 ≤ {open_server['p99_at_most_ms']} ms), CPU per message "
           f"{open_cpu['server_us_per_msg']} µs server + {open_cpu['writer_us_per_msg']} µs writer process (core 0 "
           f"{open_cpu['core0_busy_pct']} % busy, {open_cpu['core0_others_pct']} % of it other processes); cups-ecb terminal "
           f"{cups['accepted_per_s']:,.0f} msg/s; baseline {baseline_rate:,.0f} msg/s → {ratio:,.0f}×; "
