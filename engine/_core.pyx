@@ -1175,8 +1175,30 @@ cdef extern from *:
 cdef enum:
     PREFETCH_AHEAD = 64
     CARD_AHEAD = 48
-    CARD_PROBE_AHEAD = 24
 
+
+cdef extern from *:
+    # stream prefetch distances in rows (0: none), overridable with -D for experiments
+    """
+    #ifndef YK_REQ_AHEAD
+    #define YK_REQ_AHEAD 128
+    #endif
+    #ifndef YK_RING_AHEAD
+    #define YK_RING_AHEAD 128
+    #endif
+    #ifndef YK_RES_AHEAD
+    #define YK_RES_AHEAD 64
+    #endif
+    _Static_assert(YK_REQ_AHEAD <= 128 && YK_RING_AHEAD <= 128 && YK_RES_AHEAD <= 128,
+                   "prefetch distances beyond LOOKAHEAD_MAX (apply_rows' main loop)");
+    """
+    const Py_ssize_t REQ_AHEAD "YK_REQ_AHEAD"
+    const uint64_t RING_AHEAD "YK_RING_AHEAD"
+    const Py_ssize_t RES_AHEAD "YK_RES_AHEAD"
+
+
+cdef enum:
+    LOOKAHEAD_MAX = 128            # the farthest any prefetch looks (rows): ≥ REQ_AHEAD, 2·PREFETCH_AHEAD, RES_AHEAD
 
 cdef enum:
     REV_KEYS = 128                 # ring of reversal keys computed by the prefetch pass (> PREFETCH_AHEAD)
@@ -1193,32 +1215,6 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     if slot >= 0:
         prefetch(&s.cards[slot])
         prefetch(&s.side[slot])         # year counters, expiry, payer, social PVV: one line
-
-
-cdef inline void prefetch_probe_line(const State* s, const Bucket* table, uint64_t key) noexcept nogil:
-    """Follow `key`'s probe through its home line (fetched PREFETCH_AHEAD rows ago, so these
-    reads hit): if the probe would run past the line's last bucket, fetch the next line now
-    rather than miss on it in apply_one. Buckets are 16 bytes, four to a line."""
-    cdef uint64_t i = key & s.txn_index_mask
-    while table[i].pos >= 0 and table[i].key != key:
-        i = (i + 1) & s.txn_index_mask
-        if (i & 3) == 0:
-            prefetch(&table[i])
-            return
-
-
-cdef inline void prefetch_card_probe(const State* s, const Request* q) noexcept nogil:
-    """The card lines of the PAN index's second probe when the home slot holds another card
-    (~19% of lookups at the index's load of 0.38): by CARD_PROBE_AHEAD rows ahead the home
-    card's line, fetched by prefetch_card, is in cache, so its pan_hash can be compared."""
-    cdef uint64_t i = q.pan_hash & s.pan_index_mask
-    cdef int32_t slot = s.pan_index[i]
-    if slot < 0 or s.cards[slot].pan_hash == q.pan_hash:
-        return
-    slot = s.pan_index[(i + 1) & s.pan_index_mask]
-    if slot >= 0:
-        prefetch(&s.cards[slot])
-        prefetch(&s.side[slot])
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
@@ -1257,34 +1253,31 @@ cdef inline void prefetch_start(State* s, const char* rows, Py_ssize_t stride, P
 
 
 cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py_ssize_t i,
-                               Py_ssize_t count, uint64_t* rev_keys) noexcept nogil:
+                               Py_ssize_t count, uint64_t* rev_keys, bint tail) noexcept nogil:
     """Row i+PREFETCH_AHEAD's index buckets (its reversal key computed here, once, and kept for
     apply_one) and the ring entry it will evict; row i+CARD_AHEAD's card lines; the request rows
-    and the ring entry 2·PREFETCH_AHEAD ahead."""
+    and the ring entry 2·PREFETCH_AHEAD ahead. tail = False (a constant where it is inlined):
+    the caller knows i + LOOKAHEAD_MAX < count, so the bounds tests go."""
     cdef const Request* q
     cdef Py_ssize_t j = i + PREFETCH_AHEAD
     cdef const char* ahead
-    if j + PREFETCH_AHEAD < count:
+    if REQ_AHEAD > 0 and (not tail or i + REQ_AHEAD < count):
         # the request rows this step will read PREFETCH_AHEAD rows from now: a batch that is not
         # in cache (a replay, a bulk load) streams in ahead of the loop instead of stalling it
-        ahead = rows + (j + PREFETCH_AHEAD) * stride
+        ahead = rows + (i + REQ_AHEAD) * stride
         prefetch(ahead)
         prefetch(ahead + 64)
         prefetch(ahead + sizeof(Request) - 1)
-        prefetch_ring(s, s.counters[0] + 1 + 2 * PREFETCH_AHEAD)
-    if j < count:
+    if RING_AHEAD > 0 and (not tail or j + PREFETCH_AHEAD < count):
+        prefetch_ring(s, s.counters[0] + 1 + RING_AHEAD)
+    if not tail or j < count:
         q = request_at(rows, stride, j)
         rev_keys[j & (REV_KEYS - 1)] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
         prefetch_indexes(s, q, rev_keys[j & (REV_KEYS - 1)])
         prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
-    if i + CARD_AHEAD < count:
+    if not tail or i + CARD_AHEAD < count:
         q = request_at(rows, stride, i + CARD_AHEAD)
         prefetch_card(s, q)
-        if q.idem_key != 0:
-            prefetch_probe_line(s, s.idem_index, q.idem_key)
-        prefetch_probe_line(s, s.rev_index, rev_keys[(i + CARD_AHEAD) & (REV_KEYS - 1)])
-    if i + CARD_PROBE_AHEAD < count:
-        prefetch_card_probe(s, request_at(rows, stride, i + CARD_PROBE_AHEAD))
 
 
 cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil:
@@ -1319,6 +1312,22 @@ cdef inline uint16_t apply_row_generic(State* s, const Request* q, Result* r, ui
 # all of it from the start — so the answers and the state are the generic path's, byte for byte
 # (tests/unit/test_engine_fast_path.py runs batches both ways and compares results and arrays).
 
+cdef extern from *:
+    # One 8-byte store for adjacent small fields (little-endian, as the SSE code above assumes);
+    # gcc keeps the separate field stores otherwise.
+    """
+    static inline void yk_put8(void* p, uint64_t v) { memcpy(p, &v, 8); }
+    """
+    void put8 "yk_put8" (void* p, uint64_t v) noexcept nogil
+
+
+cdef inline uint64_t tail_word(uint16_t code, uint8_t flags, uint8_t acc_group) noexcept nogil:
+    """Bytes 112..119 of a settlement's Result (and ring entry): code, cmd, pin_outcome 0,
+    outcome_flags, acc_group, then reserved0 (a ring entry's state TXN_OPEN and reserved0): 0."""
+    return (<uint64_t>code | (<uint64_t>CMD_MED_SETTLE << 16) | (<uint64_t>flags << 32)
+            | (<uint64_t>acc_group << 40))
+
+
 cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t fund_fen,
                             int64_t ded_fen, int64_t ins_fen, int64_t fin_fen, int64_t cash_fen,
                             int64_t ins_balance_fen, int64_t fin_balance_fen, int32_t slot,
@@ -1337,16 +1346,9 @@ cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t
     r.ins_balance_fen = ins_balance_fen
     r.fin_balance_fen = fin_balance_fen
     r.other_balance_fen = 0
-    r.card_slot = slot
-    r.other_slot = -1
-    r.business_date = bd
-    r.auth_code = auth_code
-    r.code = code
-    r.cmd = CMD_MED_SETTLE
-    r.pin_outcome = 0
-    r.outcome_flags = flags
-    r.acc_group = acc_group
-    r.reserved0 = 0
+    put8(&r.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
+    put8(&r.business_date, bd | (<uint64_t>auth_code << 32))
+    put8(&r.code, tail_word(code, flags, acc_group))
     r.reserved1 = 0
 
 
@@ -1368,23 +1370,14 @@ cdef inline void put_entry(Txn* t, const Request* q, uint64_t rrn, int64_t amoun
     t.ins_balance_fen = ins_balance_fen
     t.fin_balance_fen = fin_balance_fen
     t.other_balance_fen = 0
-    t.card_slot = slot
-    t.other_slot = -1
-    t.business_date = bd
-    t.auth_code = auth_code
-    t.code = code
-    t.cmd = CMD_MED_SETTLE
-    t.pin_outcome = 0
-    t.outcome_flags = flags
-    t.acc_group = acc_group
-    t.state = TXN_OPEN
-    t.reserved0 = 0
+    put8(&t.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
+    put8(&t.business_date, bd | (<uint64_t>auth_code << 32))
+    put8(&t.code, tail_word(code, flags, acc_group))          # state TXN_OPEN (0), reserved0 0
     t.refunded_fen = 0
     t.idem_key = q.idem_key
     t.content_hash = q.content_hash
     t.rev_key = rev_key
-    t.stan = q.stan
-    t.batch_no = q.batch_no
+    put8(&t.stan, q.stan | (<uint64_t>q.batch_no << 32))
 
 
 cdef inline int64_t band_fund_sorted(const Policy* p, int64_t ded_fen, int64_t in_scope_fen) noexcept nogil:
@@ -1588,14 +1581,25 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     cdef uint16_t code
     cdef uint64_t rev_keys[REV_KEYS]
     cdef const char* rows = <const char*>requests
+    # rows before main_end look at most LOOKAHEAD_MAX rows ahead, all inside the batch: that
+    # loop runs without the bounds tests; the last rows run with them
+    cdef Py_ssize_t main_end = count - LOOKAHEAD_MAX if count > LOOKAHEAD_MAX else 0
     set_batch_date(s, business_date)
     prefetch_start(s, rows, sizeof(Request), count, rev_keys)
-    for i in range(count):
-        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys)
-        if i + PREFETCH_AHEAD < count:
-            # the result row written PREFETCH_AHEAD rows from now (two lines: 128 bytes)
-            prefetch_write(&results[i + PREFETCH_AHEAD])
-            prefetch_write(<const char*>&results[i + PREFETCH_AHEAD] + sizeof(Result) - 1)
+    for i in range(main_end):
+        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, False)
+        if RES_AHEAD > 0:
+            # the result row written RES_AHEAD rows from now (two lines: 128 bytes)
+            prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
+        code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+        if code == RC_00 or code == RC_10:
+            approved_count += 1
+    for i in range(main_end, count):
+        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, True)
+        if RES_AHEAD > 0 and i + RES_AHEAD < count:
+            prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
         code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
         if code == RC_00 or code == RC_10:
             approved_count += 1
@@ -1700,7 +1704,7 @@ cdef Py_ssize_t replay_rows(State* s, const char* rows, Py_ssize_t row_size_byte
     set_batch_date(s, business_date)
     prefetch_start(s, requests, row_size_bytes, count, rev_keys)
     for i in range(count):
-        prefetch_step(s, requests, row_size_bytes, i, count, rev_keys)
+        prefetch_step(s, requests, row_size_bytes, i, count, rev_keys, True)
         apply_row(s, request_at(requests, row_size_bytes, i), &r, business_date, rev_keys[i & (REV_KEYS - 1)])
         if memcmp(&r, rows + i * row_size_bytes + result_offset, sizeof(Result)) != 0:
             return i
