@@ -1234,6 +1234,7 @@ cdef inline void prefetch_ring(const State* s, uint64_t rrn) noexcept nogil:
     cdef const char* t = <const char*>&s.txns[rrn & s.txn_mask]
     prefetch_write(t)
     prefetch_write(t + 64)
+    prefetch_write(t + 128)             # every line of the entry, whatever its alignment
     prefetch_write(t + sizeof(Txn) - 1)
 
 
@@ -1267,6 +1268,7 @@ cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py
         ahead = rows + (i + REQ_AHEAD) * stride
         prefetch(ahead)
         prefetch(ahead + 64)
+        prefetch(ahead + 128)           # a 160-byte row spans four lines when it starts at 48 mod 64
         prefetch(ahead + sizeof(Request) - 1)
     if RING_AHEAD > 0 and (not tail or j + PREFETCH_AHEAD < count):
         prefetch_ring(s, s.counters[0] + 1 + RING_AHEAD)
@@ -1589,8 +1591,10 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     for i in range(main_end):
         prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, False)
         if RES_AHEAD > 0:
-            # the result row written RES_AHEAD rows from now (two lines: 128 bytes)
+            # the result row written RES_AHEAD rows from now: 128 bytes, two lines when the array
+            # starts on a line, three when it does not (numpy's large arrays start at 16 mod 64)
             prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
             prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
         code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
         if code == RC_00 or code == RC_10:
@@ -1599,6 +1603,7 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
         prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, True)
         if RES_AHEAD > 0 and i + RES_AHEAD < count:
             prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
             prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
         code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
         if code == RC_00 or code == RC_10:
