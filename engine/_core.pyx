@@ -1175,6 +1175,7 @@ cdef extern from *:
 cdef enum:
     PREFETCH_AHEAD = 64
     CARD_AHEAD = 48
+    CARD_PROBE_AHEAD = 24
 
 
 cdef extern from *:
@@ -1189,12 +1190,16 @@ cdef extern from *:
     #ifndef YK_RES_AHEAD
     #define YK_RES_AHEAD 64
     #endif
+    #ifndef YK_CARD_PROBE
+    #define YK_CARD_PROBE 1
+    #endif
     _Static_assert(YK_REQ_AHEAD <= 128 && YK_RING_AHEAD <= 128 && YK_RES_AHEAD <= 128,
                    "prefetch distances beyond LOOKAHEAD_MAX (apply_rows' main loop)");
     """
     const Py_ssize_t REQ_AHEAD "YK_REQ_AHEAD"
     const uint64_t RING_AHEAD "YK_RING_AHEAD"
     const Py_ssize_t RES_AHEAD "YK_RES_AHEAD"
+    const bint CARD_PROBE "YK_CARD_PROBE"
 
 
 cdef enum:
@@ -1215,6 +1220,20 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     if slot >= 0:
         prefetch(&s.cards[slot])
         prefetch(&s.side[slot])         # year counters, expiry, payer, social PVV: one line
+
+
+cdef inline void prefetch_card_probe(const State* s, const Request* q) noexcept nogil:
+    """The card lines of the PAN index's second probe when the home slot holds another card
+    (~19% of lookups at the index's load of 0.38): by CARD_PROBE_AHEAD rows ahead the home
+    card's line, fetched by prefetch_card, is in cache, so its pan_hash can be compared."""
+    cdef uint64_t i = q.pan_hash & s.pan_index_mask
+    cdef int32_t slot = s.pan_index[i]
+    if slot < 0 or s.cards[slot].pan_hash == q.pan_hash:
+        return
+    slot = s.pan_index[(i + 1) & s.pan_index_mask]
+    if slot >= 0:
+        prefetch(&s.cards[slot])
+        prefetch(&s.side[slot])
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
@@ -1280,6 +1299,8 @@ cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py
     if not tail or i + CARD_AHEAD < count:
         q = request_at(rows, stride, i + CARD_AHEAD)
         prefetch_card(s, q)
+    if CARD_PROBE and (not tail or i + CARD_PROBE_AHEAD < count):
+        prefetch_card_probe(s, request_at(rows, stride, i + CARD_PROBE_AHEAD))
 
 
 cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil:
