@@ -1333,7 +1333,9 @@ cdef inline uint16_t apply_row_generic(State* s, const Request* q, Result* r, ui
 # everything first without changing anything, and when a row leaves the usual path (any other
 # answer, a PIN, a payer, a duplicate...) it hands the row to the generic path, which then does
 # all of it from the start — so the answers and the state are the generic path's, byte for byte
-# (tests/unit/test_engine_fast_path.py runs batches both ways and compares results and arrays).
+# (tests/property/test_engine_fast_path.py runs batches both ways and compares results and
+# arrays). put_answer / put_entry write adjacent small fields with one 8-byte store (put8):
+# they follow the field order of _core.pxd, which that test would catch if it changed.
 
 cdef extern from *:
     # One 8-byte store for adjacent small fields (little-endian, as the SSE code above assumes);
