@@ -42,7 +42,7 @@ def assert_same(fast, slow, requests, bd, where=""):
     return a
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=10, max_size=150), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=8),
        date_picks=st.lists(st.integers(0, len(DATES) - 1), min_size=8, max_size=8),
        aid_cap_fen=st.sampled_from([0, 2500]), retention=st.sampled_from([16, 4096]))
