@@ -329,6 +329,12 @@ ctypedef struct State:
     uint8_t pin_tries_social_max
     uint8_t pin_tries_bank_max
     uint8_t aid_beneficiaries_max  # 家庭共济: beneficiaries one payer may cover (0 = no limit)
+    # the settlement fast path (apply_row → settle_row): on unless a test compares it with the
+    # generic path; bands_sorted: every policy's band upper ends are non-decreasing (set by
+    # Core.bind), so a band loop may stop at the first band that reaches the claim
+    uint8_t fast_settle
+    uint8_t bands_sorted
+    uint64_t fast_rows             # settlements settle_row answered itself since the last bind (tests)
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     # splitmix64 finaliser. Index keys are keyed hashes already (SipHash of the PAN, of the

@@ -1175,7 +1175,35 @@ cdef extern from *:
 cdef enum:
     PREFETCH_AHEAD = 64
     CARD_AHEAD = 48
+    CARD_PROBE_AHEAD = 24
 
+
+cdef extern from *:
+    # stream prefetch distances in rows (0: none), overridable with -D for experiments
+    """
+    #ifndef YK_REQ_AHEAD
+    #define YK_REQ_AHEAD 128
+    #endif
+    #ifndef YK_RING_AHEAD
+    #define YK_RING_AHEAD 128
+    #endif
+    #ifndef YK_RES_AHEAD
+    #define YK_RES_AHEAD 64
+    #endif
+    #ifndef YK_CARD_PROBE
+    #define YK_CARD_PROBE 1
+    #endif
+    _Static_assert(YK_REQ_AHEAD <= 128 && YK_RING_AHEAD <= 128 && YK_RES_AHEAD <= 128,
+                   "prefetch distances beyond LOOKAHEAD_MAX (apply_rows' main loop)");
+    """
+    const Py_ssize_t REQ_AHEAD "YK_REQ_AHEAD"
+    const uint64_t RING_AHEAD "YK_RING_AHEAD"
+    const Py_ssize_t RES_AHEAD "YK_RES_AHEAD"
+    const bint CARD_PROBE "YK_CARD_PROBE"
+
+
+cdef enum:
+    LOOKAHEAD_MAX = 128            # the farthest any prefetch looks (rows): ≥ REQ_AHEAD, 2·PREFETCH_AHEAD, RES_AHEAD
 
 cdef enum:
     REV_KEYS = 128                 # ring of reversal keys computed by the prefetch pass (> PREFETCH_AHEAD)
@@ -1192,6 +1220,20 @@ cdef inline void prefetch_card(const State* s, const Request* q) noexcept nogil:
     if slot >= 0:
         prefetch(&s.cards[slot])
         prefetch(&s.side[slot])         # year counters, expiry, payer, social PVV: one line
+
+
+cdef inline void prefetch_card_probe(const State* s, const Request* q) noexcept nogil:
+    """The card lines of the PAN index's second probe when the home slot holds another card
+    (~19% of lookups at the index's load of 0.38): by CARD_PROBE_AHEAD rows ahead the home
+    card's line, fetched by prefetch_card, is in cache, so its pan_hash can be compared."""
+    cdef uint64_t i = q.pan_hash & s.pan_index_mask
+    cdef int32_t slot = s.pan_index[i]
+    if slot < 0 or s.cards[slot].pan_hash == q.pan_hash:
+        return
+    slot = s.pan_index[(i + 1) & s.pan_index_mask]
+    if slot >= 0:
+        prefetch(&s.cards[slot])
+        prefetch(&s.side[slot])
 
 
 cdef inline void prefetch_eviction(const State* s, uint64_t rrn) noexcept nogil:
@@ -1211,6 +1253,7 @@ cdef inline void prefetch_ring(const State* s, uint64_t rrn) noexcept nogil:
     cdef const char* t = <const char*>&s.txns[rrn & s.txn_mask]
     prefetch_write(t)
     prefetch_write(t + 64)
+    prefetch_write(t + 128)             # every line of the entry, whatever its alignment
     prefetch_write(t + sizeof(Txn) - 1)
 
 
@@ -1230,28 +1273,34 @@ cdef inline void prefetch_start(State* s, const char* rows, Py_ssize_t stride, P
 
 
 cdef inline void prefetch_step(State* s, const char* rows, Py_ssize_t stride, Py_ssize_t i,
-                               Py_ssize_t count, uint64_t* rev_keys) noexcept nogil:
+                               Py_ssize_t count, uint64_t* rev_keys, bint tail) noexcept nogil:
     """Row i+PREFETCH_AHEAD's index buckets (its reversal key computed here, once, and kept for
     apply_one) and the ring entry it will evict; row i+CARD_AHEAD's card lines; the request rows
-    and the ring entry 2·PREFETCH_AHEAD ahead."""
+    and the ring entry 2·PREFETCH_AHEAD ahead. tail = False (a constant where it is inlined):
+    the caller knows i + LOOKAHEAD_MAX < count, so the bounds tests go."""
     cdef const Request* q
     cdef Py_ssize_t j = i + PREFETCH_AHEAD
     cdef const char* ahead
-    if j + PREFETCH_AHEAD < count:
+    if REQ_AHEAD > 0 and (not tail or i + REQ_AHEAD < count):
         # the request rows this step will read PREFETCH_AHEAD rows from now: a batch that is not
         # in cache (a replay, a bulk load) streams in ahead of the loop instead of stalling it
-        ahead = rows + (j + PREFETCH_AHEAD) * stride
+        ahead = rows + (i + REQ_AHEAD) * stride
         prefetch(ahead)
         prefetch(ahead + 64)
+        prefetch(ahead + 128)           # a 160-byte row spans four lines when it starts at 48 mod 64
         prefetch(ahead + sizeof(Request) - 1)
-        prefetch_ring(s, s.counters[0] + 1 + 2 * PREFETCH_AHEAD)
-    if j < count:
+    if RING_AHEAD > 0 and (not tail or j + PREFETCH_AHEAD < count):
+        prefetch_ring(s, s.counters[0] + 1 + RING_AHEAD)
+    if not tail or j < count:
         q = request_at(rows, stride, j)
         rev_keys[j & (REV_KEYS - 1)] = make_rev_key(q.terminal_index, q.batch_no, q.stan)
         prefetch_indexes(s, q, rev_keys[j & (REV_KEYS - 1)])
         prefetch_eviction(s, s.counters[0] + 1 + PREFETCH_AHEAD)
-    if i + CARD_AHEAD < count:
-        prefetch_card(s, request_at(rows, stride, i + CARD_AHEAD))
+    if not tail or i + CARD_AHEAD < count:
+        q = request_at(rows, stride, i + CARD_AHEAD)
+        prefetch_card(s, q)
+    if CARD_PROBE and (not tail or i + CARD_PROBE_AHEAD < count):
+        prefetch_card_probe(s, request_at(rows, stride, i + CARD_PROBE_AHEAD))
 
 
 cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil:
@@ -1259,10 +1308,9 @@ cdef inline void set_batch_date(State* s, uint32_t business_date) noexcept nogil
     s.batch_yymm = (business_date // 100) % 10000
 
 
-cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t business_date,
-                               uint64_t rev_key) noexcept nogil:
-    """One row of a batch, as apply_rows and replay_rows both run it (so that a replay rebuilds
-    byte-identical state): free the ring entry, a zeroed Result, apply_one."""
+cdef inline uint16_t apply_row_generic(State* s, const Request* q, Result* r, uint32_t business_date,
+                                       uint64_t rev_key) noexcept nogil:
+    """One row through the generic path: free the ring entry, a zeroed Result, apply_one."""
     txn_make_room(s)
     zero_result(r)
     r.card_slot = -1
@@ -1271,6 +1319,278 @@ cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t b
     r.business_date = business_date
     r.code = apply_one(s, q, r, business_date, rev_key)
     return r.code
+
+
+# ---------------------------------------------------------------------------------------------
+# The settlement fast path
+# ---------------------------------------------------------------------------------------------
+#
+# A medical settlement (81) is nearly all of the traffic, and nearly every one takes the same
+# path through apply_one → settle_checked → cmd_medical: every check passes, no duplicate, no
+# tombstone, an active card without a social PIN, a policy, no family-aid payer, and it posts
+# (00, 10) or is declined for funds (51). settle_row runs that path alone, with no dispatch on
+# the command and no zeroed Result rewritten field by field and copied into the ring: it checks
+# everything first without changing anything, and when a row leaves the usual path (any other
+# answer, a PIN, a payer, a duplicate...) it hands the row to the generic path, which then does
+# all of it from the start — so the answers and the state are the generic path's, byte for byte
+# (tests/property/test_engine_fast_path.py runs batches both ways and compares results and
+# arrays). put_answer / put_entry write adjacent small fields with one 8-byte store (put8):
+# they follow the field order of _core.pxd, which that test would catch if it changed.
+
+cdef extern from *:
+    # One 8-byte store for adjacent small fields (little-endian, as the SSE code above assumes);
+    # gcc keeps the separate field stores otherwise.
+    """
+    static inline void yk_put8(void* p, uint64_t v) { memcpy(p, &v, 8); }
+    """
+    void put8 "yk_put8" (void* p, uint64_t v) noexcept nogil
+
+
+cdef inline uint64_t tail_word(uint16_t code, uint8_t flags, uint8_t acc_group) noexcept nogil:
+    """Bytes 112..119 of a settlement's Result (and ring entry): code, cmd, pin_outcome 0,
+    outcome_flags, acc_group, then reserved0 (a ring entry's state TXN_OPEN and reserved0): 0."""
+    return (<uint64_t>code | (<uint64_t>CMD_MED_SETTLE << 16) | (<uint64_t>flags << 32)
+            | (<uint64_t>acc_group << 40))
+
+
+cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t fund_fen,
+                            int64_t ded_fen, int64_t ins_fen, int64_t fin_fen, int64_t cash_fen,
+                            int64_t ins_balance_fen, int64_t fin_balance_fen, int32_t slot,
+                            uint32_t bd, uint32_t auth_code, uint16_t code, uint8_t flags,
+                            uint8_t acc_group) noexcept nogil:
+    """Every field of a settlement's Result (what apply_one leaves in a zeroed one)."""
+    r.rrn = rrn
+    r.orig_rrn = 0
+    r.amount_fen = amount_fen
+    r.fund_fen = fund_fen
+    r.deductible_fen = ded_fen
+    r.ins_leg_fen = ins_fen
+    r.aid_leg_fen = 0
+    r.fin_leg_fen = fin_fen
+    r.cash_fen = cash_fen
+    r.ins_balance_fen = ins_balance_fen
+    r.fin_balance_fen = fin_balance_fen
+    r.other_balance_fen = 0
+    put8(&r.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
+    put8(&r.business_date, bd | (<uint64_t>auth_code << 32))
+    put8(&r.code, tail_word(code, flags, acc_group))
+    r.reserved1 = 0
+
+
+cdef inline void put_entry(Txn* t, const Request* q, uint64_t rrn, int64_t amount_fen,
+                           int64_t fund_fen, int64_t ded_fen, int64_t ins_fen, int64_t fin_fen,
+                           int64_t cash_fen, int64_t ins_balance_fen, int64_t fin_balance_fen,
+                           int32_t slot, uint32_t bd, uint32_t auth_code, uint16_t code,
+                           uint8_t flags, uint8_t acc_group, uint64_t rev_key) noexcept nogil:
+    """The ring entry txn_new + txn_store_result leave for the same settlement, every field."""
+    t.rrn = rrn
+    t.orig_rrn = 0
+    t.amount_fen = amount_fen
+    t.fund_fen = fund_fen
+    t.deductible_fen = ded_fen
+    t.ins_leg_fen = ins_fen
+    t.aid_leg_fen = 0
+    t.fin_leg_fen = fin_fen
+    t.cash_fen = cash_fen
+    t.ins_balance_fen = ins_balance_fen
+    t.fin_balance_fen = fin_balance_fen
+    t.other_balance_fen = 0
+    put8(&t.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
+    put8(&t.business_date, bd | (<uint64_t>auth_code << 32))
+    put8(&t.code, tail_word(code, flags, acc_group))          # state TXN_OPEN (0), reserved0 0
+    t.refunded_fen = 0
+    t.idem_key = q.idem_key
+    t.content_hash = q.content_hash
+    t.rev_key = rev_key
+    put8(&t.stan, q.stan | (<uint64_t>q.batch_no << 32))
+
+
+cdef inline int64_t band_fund_sorted(const Policy* p, int64_t ded_fen, int64_t in_scope_fen) noexcept nogil:
+    """band_fund_fen for bands whose upper ends do not decrease (State.bands_sorted): the bands
+    above the claim add nothing, so the loop stops at the first that reaches in_scope_fen."""
+    cdef int64_t fund_fen = 0, lower_fen = 0, upper_fen, lo, hi
+    cdef int k
+    for k in range(p.band_count):
+        upper_fen = p.band_upper_fen[k]
+        lo = imax(lower_fen, ded_fen)
+        hi = imin(upper_fen, in_scope_fen)
+        if hi > lo:
+            fund_fen += ((hi - lo) * <int64_t>p.band_ratio_bp[k] + 5000) // 10000
+        if upper_fen >= in_scope_fen:
+            break
+        lower_fen = upper_fen
+    return fund_fen
+
+
+cdef inline uint16_t settle_row(State* s, const Request* q, Result* r, uint32_t bd,
+                                uint64_t rev_key_hint) noexcept nogil:
+    """apply_row for a medical settlement (q.cmd == CMD_MED_SETTLE) on its usual path; any other
+    case goes to apply_row_generic before anything but the eviction (which it repeats as a
+    no-op) has changed."""
+    cdef int32_t term = q.terminal_index, inst = q.institution_index, slot, pos
+    cdef uint8_t kind, mt = q.med_type, qflags = q.flags
+    cdef int vk, g
+    cdef uint64_t idem_bucket = 0, rev_bucket, rev_key, rrn, mask
+    cdef int16_t pid
+    cdef const Policy* p
+    cdef CardHot* c
+    cdef CardSide* sd
+    cdef Txn* t
+    cdef bint current
+    cdef int64_t ded_used = 0, fund_paid = 0, ded_fen = 0, fund_fen, share_fen, ins_fen = 0
+    cdef int64_t rest_fen, fin_avail_fen, fin_fen = 0, cash_fen = 0, ins_bal, fin_bal
+    cdef uint16_t admissions = 0, code = RC_00
+    cdef uint8_t oflags = 0
+    cdef uint32_t auth_code
+    txn_make_room(s)
+    # steps 1–6 of apply_one (pre-decided, terminal, institution, amounts, claim identity,
+    # visit type, institution kind): all pass, or the generic path answers
+    if q.pre_code != 0 or term < 0 or term >= s.term_count or inst < 0 or inst >= s.inst_count \
+            or s.term_inst[term] != inst:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    if (<uint64_t>(q.amount_fen | q.fo_fen | q.ol_fen | q.ps_fen | q.is_fen | q.fp_fen | q.amount2_fen)
+            >= AMOUNT_FAST_BOUND) or q.fo_fen + q.ol_fen + q.ps_fen + q.is_fen != q.amount_fen:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    if mt == 11:
+        vk = 0
+    elif mt == 21:
+        vk = 2
+    elif mt == 14:
+        vk = 1
+    elif mt == 41:
+        vk = 3
+    else:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    kind = s.inst_kind[inst]
+    if (kind != INST_HOSPITAL and kind != INST_PHARMACY) or (mt == 41) != (kind == INST_PHARMACY):
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    if (qflags & REQ_FP) and q.fp_fen > q.is_fen:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    # step 7 (no duplicate) and 8 (no reversal key of this (terminal, batch, stan) yet)
+    mask = s.txn_index_mask
+    if q.idem_key != 0:
+        idem_bucket = q.idem_key & mask
+        while s.idem_index[idem_bucket].pos >= 0:
+            if s.idem_index[idem_bucket].key == q.idem_key:
+                return apply_row_generic(s, q, r, bd, rev_key_hint)
+            idem_bucket = (idem_bucket + 1) & mask
+    rev_key = rev_key_hint if rev_key_hint != 0 else make_rev_key(term, q.batch_no, q.stan)
+    rev_bucket = rev_key & mask
+    while s.rev_index[rev_bucket].pos >= 0:
+        if s.rev_index[rev_bucket].key == rev_key:
+            return apply_row_generic(s, q, r, bd, rev_key_hint)
+        rev_bucket = (rev_bucket + 1) & mask
+    # settle_checked: a known card, card_gate passes for an active card, no PIN given or
+    # required, within the limit
+    slot = card_index_find(s.pan_index, s.pan_index_mask, &s.cards[0].pan_hash, PAN_STRIDE, q.pan_hash)
+    if slot < 0:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    c = &s.cards[slot]
+    sd = &s.side[slot]
+    if c.status != CARD_ACTIVE or (c.card_flags & (CF_STOLEN | CF_SOCIAL_PIN)) \
+            or (sd.expiry_yymm != 0 and sd.expiry_yymm < s.batch_yymm) \
+            or (qflags & (REQ_PIN | REQ_PIN_REPLAY_OK | REQ_PIN_REPLAY_BAD)):
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    if q.amount_fen > 0 and s.limits_fen[CMD_MED_SETTLE] > 0 and q.amount_fen > s.limits_fen[CMD_MED_SETTLE]:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    if (qflags & REQ_AU) and sd.payer_slot >= 0:
+        return apply_row_generic(s, q, r, bd, rev_key_hint)
+    # cmd_medical
+    g = 1 if vk == 2 else 0
+    current = sd.acc_year == s.batch_year
+    if current:
+        ded_used = c.ded_used_fen[g]
+        fund_paid = c.fund_paid_fen[g]
+        admissions = sd.admissions[g]
+    if qflags & REQ_FP:
+        fund_fen = q.fp_fen
+    else:
+        pid = s.policy_of[(((<int>c.region_index * s.ins_type_count + c.ins_type_index) * 2
+                            + c.person_type) * VISIT_KINDS + vk) * LEVELS + s.inst_level[inst]]
+        if pid < 0:
+            return apply_row_generic(s, q, r, bd, rev_key_hint)
+        p = &s.policies[pid]
+        if p.per_admission:
+            ded_fen = imin(q.is_fen, p.deductible_first_fen if admissions == 0 else p.deductible_later_fen)
+            oflags = RES_ADMISSION
+        else:
+            ded_fen = imin(q.is_fen, imax(0, p.deductible_first_fen - ded_used))
+            if ded_fen > 0:
+                oflags = RES_CUMULATIVE
+        fund_fen = 0
+        if p.fund_pays:
+            if s.bands_sorted:
+                fund_fen = band_fund_sorted(p, ded_fen, q.is_fen)
+            else:
+                fund_fen = band_fund_fen(p, ded_fen, q.is_fen)
+            fund_fen = imin(fund_fen, imax(0, p.cap_fen - fund_paid))
+    share_fen = q.amount_fen - fund_fen
+    ins_bal = c.ins_balance_fen
+    fin_bal = c.fin_balance_fen
+    if qflags & REQ_AU:
+        ins_fen = imin(share_fen, ins_bal)
+    rest_fen = share_fen - ins_fen
+    fin_avail_fen = fin_bal if (c.card_flags & CF_FIN_ACTIVE) else 0
+    if rest_fen <= fin_avail_fen:
+        fin_fen = rest_fen
+    elif qflags & REQ_PA:
+        fin_fen = fin_avail_fen
+        cash_fen = rest_fen - fin_fen
+        code = RC_10
+    else:
+        code = RC_51
+    # commit: the ring entry and its index keys (txn_new), then the card, then the answer
+    rrn = s.counters[0] + 1
+    pos = <int32_t>(rrn & s.txn_mask)
+    s.counters[0] = rrn
+    s.fast_rows += 1
+    if q.idem_key != 0:
+        s.idem_index[idem_bucket].key = q.idem_key
+        s.idem_index[idem_bucket].pos = pos
+    s.rev_index[rev_bucket].key = rev_key
+    s.rev_index[rev_bucket].pos = pos
+    t = &s.txns[pos]
+    if code == RC_51:
+        put_answer(r, rrn, 0, 0, 0, 0, 0, 0, ins_bal, fin_bal, slot, bd, 0, RC_51, 0, <uint8_t>g)
+        put_entry(t, q, rrn, 0, 0, 0, 0, 0, 0, ins_bal, fin_bal, slot, bd, 0, RC_51, 0, <uint8_t>g, rev_key)
+        return RC_51
+    if not current:
+        # New year: this card's accumulators start again from zero.
+        c.ded_used_fen[0] = 0
+        c.ded_used_fen[1] = 0
+        c.fund_paid_fen[0] = 0
+        c.fund_paid_fen[1] = 0
+        sd.admissions[0] = 0
+        sd.admissions[1] = 0
+        sd.acc_year = s.batch_year
+    ins_bal -= ins_fen
+    fin_bal -= fin_fen
+    c.ins_balance_fen = ins_bal
+    c.fin_balance_fen = fin_bal
+    c.fund_paid_fen[g] += fund_fen
+    if oflags & RES_CUMULATIVE:
+        c.ded_used_fen[g] += ded_fen
+    if oflags & RES_ADMISSION:
+        sd.admissions[g] += 1
+    oflags |= RES_POSTED
+    auth_code = <uint32_t>(rrn % 1000000)
+    if auth_code == 0:
+        auth_code = 1
+    put_answer(r, rrn, q.amount_fen, fund_fen, ded_fen, ins_fen, fin_fen, cash_fen, ins_bal, fin_bal,
+               slot, bd, auth_code, code, oflags, <uint8_t>g)
+    put_entry(t, q, rrn, q.amount_fen, fund_fen, ded_fen, ins_fen, fin_fen, cash_fen, ins_bal, fin_bal,
+              slot, bd, auth_code, code, oflags, <uint8_t>g, rev_key)
+    return code
+
+
+cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t business_date,
+                               uint64_t rev_key) noexcept nogil:
+    """One row of a batch, as apply_rows and replay_rows both run it (so that a replay rebuilds
+    byte-identical state): a settlement through settle_row, anything else (or a settlement
+    when s.fast_settle is off: a test switch) through apply_row_generic."""
+    if q.cmd == CMD_MED_SETTLE and s.fast_settle:
+        return settle_row(s, q, r, business_date, rev_key)
+    return apply_row_generic(s, q, r, business_date, rev_key)
 
 
 cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
@@ -1286,14 +1606,28 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     cdef uint16_t code
     cdef uint64_t rev_keys[REV_KEYS]
     cdef const char* rows = <const char*>requests
+    # rows before main_end look at most LOOKAHEAD_MAX rows ahead, all inside the batch: that
+    # loop runs without the bounds tests; the last rows run with them
+    cdef Py_ssize_t main_end = count - LOOKAHEAD_MAX if count > LOOKAHEAD_MAX else 0
     set_batch_date(s, business_date)
     prefetch_start(s, rows, sizeof(Request), count, rev_keys)
-    for i in range(count):
-        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys)
-        if i + PREFETCH_AHEAD < count:
-            # the result row written PREFETCH_AHEAD rows from now (two lines: 128 bytes)
-            prefetch_write(&results[i + PREFETCH_AHEAD])
-            prefetch_write(<const char*>&results[i + PREFETCH_AHEAD] + sizeof(Result) - 1)
+    for i in range(main_end):
+        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, False)
+        if RES_AHEAD > 0:
+            # the result row written RES_AHEAD rows from now: 128 bytes, two lines when the array
+            # starts on a line, three when it does not (numpy's large arrays start at 16 mod 64)
+            prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
+        code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+        if code == RC_00 or code == RC_10:
+            approved_count += 1
+    for i in range(main_end, count):
+        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, True)
+        if RES_AHEAD > 0 and i + RES_AHEAD < count:
+            prefetch_write(&results[i + RES_AHEAD])
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
+            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
         code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
         if code == RC_00 or code == RC_10:
             approved_count += 1
@@ -1398,7 +1732,7 @@ cdef Py_ssize_t replay_rows(State* s, const char* rows, Py_ssize_t row_size_byte
     set_batch_date(s, business_date)
     prefetch_start(s, requests, row_size_bytes, count, rev_keys)
     for i in range(count):
-        prefetch_step(s, requests, row_size_bytes, i, count, rev_keys)
+        prefetch_step(s, requests, row_size_bytes, i, count, rev_keys, True)
         apply_row(s, request_at(requests, row_size_bytes, i), &r, business_date, rev_keys[i & (REV_KEYS - 1)])
         if memcmp(&r, rows + i * row_size_bytes + result_offset, sizeof(Result)) != 0:
             return i
@@ -1411,8 +1745,10 @@ cdef class Core:
     cdef State s
     cdef readonly dict arrays
     cdef object _keepalive
+    cdef bint _fast_settle
 
     def __init__(self, dict arrays):
+        self._fast_settle = True
         self.bind(arrays)
 
     def bind(self, dict arrays):
@@ -1458,6 +1794,29 @@ cdef class Core:
         self.s.pin_tries_social_max = <uint8_t>a["meta"][3]
         self.s.pin_tries_bank_max = <uint8_t>a["meta"][4]
         self.s.aid_beneficiaries_max = <uint8_t>a["meta"][5]
+        self.s.fast_settle = self._fast_settle
+        uppers = a["policies"]["band_upper_fen"]
+        counts = a["policies"]["band_count"]
+        self.s.bands_sorted = all(
+            all(uppers[i, k] <= uppers[i, k + 1] for k in range(int(counts[i]) - 1))
+            for i in range(uppers.shape[0]))
+
+    @property
+    def fast_rows(self):
+        """Settlements answered by settle_row itself (not handed to the generic path) since the
+        last bind: tests check that the fast path is taken."""
+        return self.s.fast_rows
+
+    @property
+    def fast_settle(self):
+        """Medical settlements through settle_row (True, the default) or the generic path only
+        (False): the two must agree byte for byte; tests switch it to compare them."""
+        return bool(self._fast_settle)
+
+    @fast_settle.setter
+    def fast_settle(self, bint on):
+        self._fast_settle = on
+        self.s.fast_settle = on
 
     def apply(self, cnp.ndarray requests, cnp.ndarray results, uint32_t business_date):
         """Apply `requests` in order, writing `results`; returns the number approved.
