@@ -491,12 +491,17 @@ def raw_copy(destination: np.ndarray, source: np.ndarray) -> None:
     np.copyto(destination.reshape(-1).view(np.uint8), source.reshape(-1).view(np.uint8))
 
 
-NPZ_PIECE_BYTES = 8 << 20
+# Pieces of 1 MiB, each fdatasync'd when paced: with 8 MiB pieces a 255 MB checkpoint during an
+# open-loop run at 150,000/s put 5–9 % of the replies of the next ~1.5 s over 10 ms (the
+# journal's commits waiting behind the piece's writeback; p99 of a 1.5 M-message run 20–23 ms);
+# with 1 MiB, 10.7–12.7 ms, the copy's stall left as the main cost; with 256 KiB the checkpoint's
+# 1,000 fdatasyncs spread the disturbance over the rest of the run (p99 18–20 ms). bench/README.md.
+NPZ_PIECE_BYTES = 1 << 20
 
 
 def save_npz(f, arrays: dict, pace: bool = False) -> None:
     """np.savez's format (an uncompressed zip of .npy members; np.load reads it) written from the
-    arrays' own memory in 8 MiB pieces. np.savez copies every 16 MiB piece with tobytes() while
+    arrays' own memory in NPZ_PIECE_BYTES pieces. np.savez copies every 16 MiB piece with tobytes() while
     holding the GIL, which the node's main thread (the apply loop) then waits for; here the GIL
     is released for each piece's CRC and write, and nothing is copied.
 
