@@ -1353,12 +1353,13 @@ cdef inline uint64_t tail_word(uint16_t code, uint8_t flags, uint8_t acc_group) 
             | (<uint64_t>acc_group << 40))
 
 
-cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t fund_fen,
+cdef inline void put_prefix(Result* r, uint64_t rrn, int64_t amount_fen, int64_t fund_fen,
                             int64_t ded_fen, int64_t ins_fen, int64_t fin_fen, int64_t cash_fen,
                             int64_t ins_balance_fen, int64_t fin_balance_fen, int32_t slot,
                             uint32_t bd, uint32_t auth_code, uint16_t code, uint8_t flags,
                             uint8_t acc_group) noexcept nogil:
-    """Every field of a settlement's Result (what apply_one leaves in a zeroed one)."""
+    """The first TXN_RESULT_BYTES of a settlement's Result, every field: a Result row's, or a
+    ring entry's Result-shaped prefix (the same layout, layouts._check asserts it)."""
     r.rrn = rrn
     r.orig_rrn = 0
     r.amount_fen = amount_fen
@@ -1373,7 +1374,18 @@ cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t
     r.other_balance_fen = 0
     put8(&r.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
     put8(&r.business_date, bd | (<uint64_t>auth_code << 32))
+    # code, outcome flags, acc_group, reserved0 (a ring entry's state: TXN_OPEN, 0)
     put8(&r.code, tail_word(code, flags, acc_group))
+
+
+cdef inline void put_answer(Result* r, uint64_t rrn, int64_t amount_fen, int64_t fund_fen,
+                            int64_t ded_fen, int64_t ins_fen, int64_t fin_fen, int64_t cash_fen,
+                            int64_t ins_balance_fen, int64_t fin_balance_fen, int32_t slot,
+                            uint32_t bd, uint32_t auth_code, uint16_t code, uint8_t flags,
+                            uint8_t acc_group) noexcept nogil:
+    """Every field of a settlement's Result (what apply_one leaves in a zeroed one)."""
+    put_prefix(r, rrn, amount_fen, fund_fen, ded_fen, ins_fen, fin_fen, cash_fen, ins_balance_fen,
+               fin_balance_fen, slot, bd, auth_code, code, flags, acc_group)
     r.reserved1 = 0
 
 
@@ -1383,21 +1395,8 @@ cdef inline void put_entry(Txn* t, const Request* q, uint64_t rrn, int64_t amoun
                            int32_t slot, uint32_t bd, uint32_t auth_code, uint16_t code,
                            uint8_t flags, uint8_t acc_group, uint64_t rev_key) noexcept nogil:
     """The ring entry txn_new + txn_store_result leave for the same settlement, every field."""
-    t.rrn = rrn
-    t.orig_rrn = 0
-    t.amount_fen = amount_fen
-    t.fund_fen = fund_fen
-    t.deductible_fen = ded_fen
-    t.ins_leg_fen = ins_fen
-    t.aid_leg_fen = 0
-    t.fin_leg_fen = fin_fen
-    t.cash_fen = cash_fen
-    t.ins_balance_fen = ins_balance_fen
-    t.fin_balance_fen = fin_balance_fen
-    t.other_balance_fen = 0
-    put8(&t.card_slot, <uint32_t>slot | (<uint64_t>0xFFFFFFFFU << 32))        # other_slot -1
-    put8(&t.business_date, bd | (<uint64_t>auth_code << 32))
-    put8(&t.code, tail_word(code, flags, acc_group))          # state TXN_OPEN (0), reserved0 0
+    put_prefix(<Result*>t, rrn, amount_fen, fund_fen, ded_fen, ins_fen, fin_fen, cash_fen,
+               ins_balance_fen, fin_balance_fen, slot, bd, auth_code, code, flags, acc_group)
     t.refunded_fen = 0
     t.idem_key = q.idem_key
     t.content_hash = q.content_hash
