@@ -130,7 +130,7 @@ class LoadConnection(asyncio.Protocol):
         self.sent_kind[stans & (RING - 1)] = kinds
         self.inflight += count
         self.run.sent += count
-        return (self, kinds, stans.astype(np.uint32), cards, amounts, scheduled is not None and scheduled[:count])
+        return (self, kinds, stans.astype(np.uint32), cards, amounts, None if scheduled is None else scheduled[:count])
 
     def send(self, count: int, scheduled=None) -> int:
         p = self.plan(count, scheduled)
@@ -178,7 +178,7 @@ def send_planned(plans: list, run) -> None:
                               [p[3] for p in plans], [p[4] for p in plans], outs)
     now = time.perf_counter()
     for (conn, _, _, _, _, scheduled), out, n in zip(plans, outs, used):
-        if scheduled is not False:
+        if scheduled is not None:
             # open loop: how late the client itself sent them (part of the latency, reported apart)
             run.send_lags.append((now - scheduled).astype(np.float32))
         conn.transport.write(memoryview(out)[:n])

@@ -209,8 +209,11 @@ cdef inline int64_t imax(int64_t a, int64_t b) noexcept nogil:
     return a if a > b else b
 
 
-cdef inline int64_t band_fund_fen(const Policy* p, int64_t ded_fen, int64_t in_scope_fen) noexcept nogil:
-    """fund = Σ_k ratio_k × |[lower_k, upper_k] ∩ [ded, IS]|, each band's part rounded half-up."""
+cdef inline int64_t band_fund_fen(const Policy* p, int64_t ded_fen, int64_t in_scope_fen,
+                                  bint bands_sorted) noexcept nogil:
+    """fund = Σ_k ratio_k × |[lower_k, upper_k] ∩ [ded, IS]|, each band's part rounded half-up.
+    `bands_sorted` (State.bands_sorted: upper ends never decrease): the bands above the claim add
+    nothing, so the loop stops at the first that reaches in_scope_fen (the settlement fast path)."""
     cdef int64_t fund_fen = 0, lower_fen = 0, upper_fen, lo, hi
     cdef int k
     for k in range(p.band_count):
@@ -219,6 +222,8 @@ cdef inline int64_t band_fund_fen(const Policy* p, int64_t ded_fen, int64_t in_s
         hi = imin(upper_fen, in_scope_fen)
         if hi > lo:
             fund_fen += ((hi - lo) * <int64_t>p.band_ratio_bp[k] + 5000) // 10000
+        if bands_sorted and upper_fen >= in_scope_fen:
+            break
         lower_fen = upper_fen
     return fund_fen
 
@@ -479,7 +484,7 @@ cdef uint16_t cmd_medical(State* s, const Request* q, Result* r, int32_t slot, u
         else:
             ded_fen = imin(q.is_fen, imax(0, p.deductible_first_fen - ded_used))
         if p.fund_pays:
-            fund_fen = band_fund_fen(p, ded_fen, q.is_fen)
+            fund_fen = band_fund_fen(p, ded_fen, q.is_fen, False)
             fund_fen = imin(fund_fen, imax(0, p.cap_fen - fund_paid))
         if p.per_admission:
             r.outcome_flags |= RES_ADMISSION
@@ -1404,23 +1409,6 @@ cdef inline void put_entry(Txn* t, const Request* q, uint64_t rrn, int64_t amoun
     put8(&t.stan, q.stan | (<uint64_t>q.batch_no << 32))
 
 
-cdef inline int64_t band_fund_sorted(const Policy* p, int64_t ded_fen, int64_t in_scope_fen) noexcept nogil:
-    """band_fund_fen for bands whose upper ends do not decrease (State.bands_sorted): the bands
-    above the claim add nothing, so the loop stops at the first that reaches in_scope_fen."""
-    cdef int64_t fund_fen = 0, lower_fen = 0, upper_fen, lo, hi
-    cdef int k
-    for k in range(p.band_count):
-        upper_fen = p.band_upper_fen[k]
-        lo = imax(lower_fen, ded_fen)
-        hi = imin(upper_fen, in_scope_fen)
-        if hi > lo:
-            fund_fen += ((hi - lo) * <int64_t>p.band_ratio_bp[k] + 5000) // 10000
-        if upper_fen >= in_scope_fen:
-            break
-        lower_fen = upper_fen
-    return fund_fen
-
-
 cdef inline uint16_t settle_row(State* s, const Request* q, Result* r, uint32_t bd,
                                 uint64_t rev_key_hint) noexcept nogil:
     """apply_row for a medical settlement (q.cmd == CMD_MED_SETTLE) on its usual path; any other
@@ -1518,10 +1506,7 @@ cdef inline uint16_t settle_row(State* s, const Request* q, Result* r, uint32_t 
                 oflags = RES_CUMULATIVE
         fund_fen = 0
         if p.fund_pays:
-            if s.bands_sorted:
-                fund_fen = band_fund_sorted(p, ded_fen, q.is_fen)
-            else:
-                fund_fen = band_fund_fen(p, ded_fen, q.is_fen)
+            fund_fen = band_fund_fen(p, ded_fen, q.is_fen, s.bands_sorted)
             fund_fen = imin(fund_fen, imax(0, p.cap_fen - fund_paid))
     share_fen = q.amount_fen - fund_fen
     ins_bal = c.ins_balance_fen

@@ -15,7 +15,7 @@ from yikatong.engine import Cmd, Engine, ReqFlag
 from yikatong.engine.demo import demo_config, genesis_batches, NAMED_CARDS
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 
-from test_engine_model import GENERATED, KEYS, PANS, SPARE_SLOTS, DATES, build, op   # same folder
+from test_engine_model import GENERATED, KEYS, PANS, SPARE_SLOTS, DATES, batches, op   # same folder
 
 
 def twin_engines(config, capacity, retention, generated):
@@ -52,15 +52,8 @@ def test_fast_path_matches_generic_on_mixed_batches(ops, cuts, date_picks, aid_c
     config = msgspec.structs.replace(config, limits=msgspec.structs.replace(
         config.limits, family_aid_per_settlement_fen_max=aid_cap_fen))
     fast, slow = twin_engines(config, len(NAMED_CARDS) + GENERATED + SPARE_SLOTS, retention, GENERATED)
-    pans, history, stan_counter, position = list(PANS), [], [0], 0
-    dates = sorted(DATES[i] for i in date_picks)
-    for b, cut in enumerate(cuts + [len(ops)]):
-        chunk = ops[position:position + cut]
-        position += cut
-        if not chunk:
-            break
-        requests = np.concatenate([build(fast, o, history, stan_counter, pans) for o in chunk])
-        bd = dates[b % len(dates)] if b < len(dates) else dates[-1]
+    pans, history, stan_counter = list(PANS), [], [0]
+    for b, requests, bd in batches(fast, ops, cuts, date_picks, history, stan_counter, pans):
         assert_same(fast, slow, requests, bd, f"batch {b}")
         history.extend(requests[i:i + 1].copy() for i in range(len(requests)) if requests[i]["cmd"] != Cmd.REVERSAL)
     assert slow.core.fast_rows == 0

@@ -121,6 +121,21 @@ def build(engine, op_tuple, history, stan_counter, pans):
     raise AssertionError(kind)
 
 
+def batches(engine, ops, cuts, date_picks, history, stan_counter, pans):
+    """(batch number, request rows, business date) for `ops` cut at `cuts` (the rest last), the
+    dates from `date_picks`, never decreasing. Each batch is built when the caller asks for it,
+    after it has added the previous batch to `history`."""
+    dates = sorted(DATES[i] for i in date_picks)
+    position = 0
+    for b, cut in enumerate(cuts + [len(ops)]):
+        chunk = ops[position:position + cut]
+        position += cut
+        if not chunk:
+            return
+        requests = np.concatenate([build(engine, o, history, stan_counter, pans) for o in chunk])
+        yield b, requests, (dates[b % len(dates)] if b < len(dates) else dates[-1])
+
+
 def card_state_engine(engine, slot):
     c, y = engine.arrays["cards"][slot], engine.arrays["side"][slot]
     return (int(c["ins_balance_fen"]), int(c["fin_balance_fen"]), [int(x) for x in c["ded_used_fen"]],
@@ -186,15 +201,8 @@ def test_engine_matches_reference(ops, cuts, date_picks, aid_cap_fen, beneficiar
         engine.apply_batch(batch, business_date=20261124)
         for q in batch:
             ref.apply(q, 20261124)
-    history, stan_counter, position = [], [0], 0
-    dates = sorted(DATES[i] for i in date_picks)       # business dates never decrease
-    for b, cut in enumerate(cuts + [len(ops)]):
-        chunk = ops[position:position + cut]
-        position += cut
-        if not chunk:
-            break
-        requests = np.concatenate([build(engine, o, history, stan_counter, pans) for o in chunk])
-        bd = dates[b % len(dates)] if b < len(dates) else dates[-1]
+    history, stan_counter = [], [0]
+    for b, requests, bd in batches(engine, ops, cuts, date_picks, history, stan_counter, pans):
         before = total_fen(engine)
         results = engine.apply_batch(requests, business_date=bd)
         for i, q in enumerate(requests):
