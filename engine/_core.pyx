@@ -1577,6 +1577,21 @@ cdef inline uint16_t apply_row(State* s, const Request* q, Result* r, uint32_t b
     return apply_row_generic(s, q, r, business_date, rev_key)
 
 
+cdef inline uint16_t apply_step(State* s, const Request* requests, Result* results, Py_ssize_t i,
+                                Py_ssize_t count, uint32_t business_date, uint64_t* rev_keys,
+                                bint tail) noexcept nogil:
+    """Row i of apply_rows: the prefetches ahead of it, then the row. `tail` (a constant at each
+    call, so inlined away): the last rows, whose look-ahead may run past the batch's end."""
+    prefetch_step(s, <const char*>requests, sizeof(Request), i, count, rev_keys, tail)
+    if RES_AHEAD > 0 and (not tail or i + RES_AHEAD < count):
+        # the result row written RES_AHEAD rows from now: 128 bytes, two lines when the array
+        # starts on a line, three when it does not (numpy's large arrays start at 16 mod 64)
+        prefetch_write(&results[i + RES_AHEAD])
+        prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
+        prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
+    return apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+
+
 cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize_t count,
                     uint32_t business_date) noexcept nogil:
     """The hot loop: one row at a time, in order, no Python. Returns the number approved.
@@ -1596,23 +1611,11 @@ cdef int apply_rows(State* s, const Request* requests, Result* results, Py_ssize
     set_batch_date(s, business_date)
     prefetch_start(s, rows, sizeof(Request), count, rev_keys)
     for i in range(main_end):
-        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, False)
-        if RES_AHEAD > 0:
-            # the result row written RES_AHEAD rows from now: 128 bytes, two lines when the array
-            # starts on a line, three when it does not (numpy's large arrays start at 16 mod 64)
-            prefetch_write(&results[i + RES_AHEAD])
-            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
-            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
-        code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+        code = apply_step(s, requests, results, i, count, business_date, rev_keys, False)
         if code == RC_00 or code == RC_10:
             approved_count += 1
     for i in range(main_end, count):
-        prefetch_step(s, rows, sizeof(Request), i, count, rev_keys, True)
-        if RES_AHEAD > 0 and i + RES_AHEAD < count:
-            prefetch_write(&results[i + RES_AHEAD])
-            prefetch_write(<const char*>&results[i + RES_AHEAD] + 64)
-            prefetch_write(<const char*>&results[i + RES_AHEAD] + sizeof(Result) - 1)
-        code = apply_row(s, &requests[i], &results[i], business_date, rev_keys[i & (REV_KEYS - 1)])
+        code = apply_step(s, requests, results, i, count, business_date, rev_keys, True)
         if code == RC_00 or code == RC_10:
             approved_count += 1
     return approved_count
