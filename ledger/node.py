@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zipfile
 
 import msgspec
@@ -59,11 +60,7 @@ def _write_durably(path: str, data: bytes):
 
 
 class Node:
-    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine,
-                 warm_snapshot: bool = True):
-        """`warm_snapshot=False`: the checkpoint buffers are faulted in later, by
-        `_start_snapshot_warm` (recovery starts it once the tail is replayed: its 255 MB of
-        page faults would otherwise share the cores with the replay)."""
+    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine):
         self.data_dir = data_dir
         self.settings = settings
         self.journal = journal
@@ -72,10 +69,18 @@ class Node:
         self.failed = None
         self.business_date = journal.last_business_date
         self._checkpoint_thread = None
-        self._snapshot_buffers: dict = {}
-        self._snapshot_warm = None
-        if warm_snapshot:
-            self._start_snapshot_warm()
+        # The replica a background checkpoint writes from (checkpoint(background=True)): an
+        # Engine of its own that follows the live one by replaying the committed journal, so a
+        # checkpoint never copies the live arrays on the serving loop. None until the first
+        # background checkpoint seeds it (newest checkpoint file, or genesis); only the
+        # checkpoint thread touches it.
+        self._replica: Engine | None = None
+        self._replica_batch_no = 0
+        # the arrays' shapes a replica seeded from the newest checkpoint file (or genesis) has:
+        # the live engine's now, before any batch
+        self._replica_shapes = _shapes(engine.arrays)
+        self.checkpoint_stats = {"by_replay": 0, "by_copy": 0, "replayed_records": 0, "failed": 0}
+        self.checkpoint_error: str | None = None
         # Commits go to the writer process from here on (DESIGN.md §4: not a thread, the GIL).
         journal.start_writer()
 
@@ -176,14 +181,13 @@ class Node:
             try:
                 engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal, headers,
                                                                          meta_path=meta_path)
-                node = cls(data_dir, settings, journal, engine, warm_snapshot=False)
+                node = cls(data_dir, settings, journal, engine)
                 node.checkpoint_seq = seq
             except BaseException:
                 chain.stop()
                 chain.join()
                 raise
             node._replay_tail(batch_no, chain_hash, headers, chain)
-            node._start_snapshot_warm()
             node._start_prefix_check(headers[:batch_no])
         except BaseException:
             journal.close()
@@ -305,15 +309,16 @@ class Node:
             raise TimeoutError(f"the background chain check is still running after {timeout_s} s")
         return self._prefix_check_error
 
-    def _replay_batches(self, headers: np.ndarray):
-        """Replay `headers`' batches in order; None, or (batch_no, 3, error) at the first batch
-        that answers differently from the journal."""
+    def _replay_batches(self, headers: np.ndarray, engine: Engine | None = None):
+        """Replay `headers`' batches in order into `engine` (the node's own by default); None, or
+        (batch_no, 3, error) at the first batch that answers differently from the journal."""
         if headers.shape[0] == 0:
             return None
         size = RECORD_DTYPE.itemsize
         request_offset, result_offset = RECORD_DTYPE.fields["request"][1], RECORD_DTYPE.fields["result"][1]
         kind_offset = RECORD_DTYPE.fields["record_kind"][1]
         journal = self.journal
+        engine = self.engine if engine is None else engine
         with journal.env.begin(buffers=True) as txn:
             get = txn.get
             db = journal.journal_db
@@ -329,7 +334,7 @@ class Node:
                 kinds = np.ndarray(count, "<u2", rows, kind_offset, (size,))
                 if (kinds == KIND_CUTOVER).all():
                     continue                       # a cutover changes no engine state
-                bad = self.engine.replay_rows(rows, size, request_offset, result_offset, business_date=date)
+                bad = engine.replay_rows(rows, size, request_offset, result_offset, business_date=date)
                 if bad >= 0:
                     return batch_no, 3, CorruptLedgerError(
                         f"replay diverged at sequence {first + bad}: the engine answered differently from "
@@ -382,29 +387,41 @@ class Node:
 
     def checkpoint(self, background: bool = False) -> str:
         """Save the engine's arrays at the last committed sequence: write, fsync, rename.
+        Returns the .npz path.
 
-        The arrays are copied here, between batches (a memcpy); with `background=True` the
-        file is written by a thread while batches go on committing in the writer process, so a
-        checkpoint never stalls commits. Returns the .npz path. A checkpoint due while the
-        previous one is still being written waits for it here (checkpoint positions stay
-        deterministic); with checkpoint_every_records far above what commits during one
-        checkpoint (≈ 1 s for 255 MB of state) that wait does not happen."""
+        In the foreground the live arrays are written as they are (the caller waits). In the
+        background (`background=True`, the server's way) nothing of the live engine is copied:
+        a thread brings the node's replica engine up to this sequence by replaying the
+        committed journal through the same apply (every replayed result compared with the
+        journal's, as recovery does) and writes the replica's arrays, while the live engine
+        goes on applying batches and the writer process goes on committing. Copying the
+        255 MB of a 100,000-card node's arrays here instead stalled the serving loop 30–48 ms
+        per checkpoint (bench/README.md). Only when the live arrays changed shape outside the
+        journal (`Engine.reserve`, card imports) is the replica re-seeded by a copy here.
+
+        A checkpoint due while the previous one is still being written waits for it here
+        (checkpoint positions stay deterministic); the server never calls it then
+        (`checkpoint_in_progress`)."""
         if self.failed:
             raise LedgerError(f"the node stopped ({self.failed}); no checkpoint is taken: restart it")
         self.journal.wait_durable(self.journal.last_batch_no)
         if self._checkpoint_thread is not None:
-            # one at a time; the previous started ≥ checkpoint_every_records ago, so this wait
-            # is rare and holds the caller only, never a commit in the writer process
             self._checkpoint_thread.join()
         seq, batch_no, chain_hash = self.journal.last_seq, self.journal.last_batch_no, self.journal.last_hash
-        arrays = self._snapshot()
         self.checkpoint_seq = seq
         folder = os.path.join(self.data_dir, "checkpoints")
         npz = os.path.join(folder, f"ckpt-{seq:020d}.npz")
         if not background:
-            return _write_checkpoint(folder, arrays, seq, batch_no, chain_hash)
+            return _write_checkpoint(folder, self.engine.arrays, seq, batch_no, chain_hash)
+        seed = None
+        if self._replica_shapes != _shapes(self.engine.arrays):
+            # the live arrays grew outside the journal (Engine.reserve): a replay cannot know
+            # when, so the replica starts again from a copy of the live state, here
+            seed = {name: _copy_of(array) for name, array in self.engine.arrays.items()}
+            self._replica = None
+            self._replica_shapes = _shapes(seed)
         self._checkpoint_thread = threading.Thread(
-            target=_write_checkpoint_niced, args=(folder, arrays, seq, batch_no, chain_hash),
+            target=self._background_checkpoint, args=(folder, seq, batch_no, chain_hash, seed),
             name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
         return npz
@@ -413,34 +430,51 @@ class Node:
         """A background checkpoint is still being written."""
         return self._checkpoint_thread is not None and self._checkpoint_thread.is_alive()
 
-    def _snapshot(self) -> dict:
-        """The engine's arrays copied into buffers kept from one checkpoint to the next (free again:
-        one checkpoint at a time). This copy is the one part of a checkpoint on the reply path;
-        into fresh memory it page-faults every 4 KiB and measured ≈ 3× a plain memcpy (≈ 0.4 s
-        for 255 MB on an aged node), so the buffers are faulted in once, at start-up, by a thread."""
-        if self._snapshot_warm is not None:
-            self._snapshot_warm.join()
-        buffers = self._snapshot_buffers
-        for name, array in self.engine.arrays.items():
-            buffer = buffers.get(name)
-            if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
-                buffer = buffers[name] = np.empty_like(array)      # the engine grew this array
-            raw_copy(buffer, array)
-        for name in set(buffers) - set(self.engine.arrays):
-            del buffers[name]
-        return dict(buffers)
+    def _background_checkpoint(self, folder: str, seq: int, batch_no: int, chain_hash: bytes,
+                               seed: dict | None) -> None:
+        """The checkpoint thread (SCHED_IDLE): replica to `batch_no`, then its arrays to the file.
+        A replica that answers differently from the journal (an engine or configuration change:
+        recovery from this journal would refuse the same batch) writes no checkpoint; the error
+        is logged and kept in `checkpoint_error`, and the next checkpoint seeds a new replica
+        from a copy of the live arrays."""
+        _run_when_idle()
+        try:
+            t0 = time.perf_counter()
+            if seed is not None:
+                self._replica, self._replica_batch_no = Engine(self.settings.config, arrays=seed), batch_no
+                self.checkpoint_stats["by_copy"] += 1
+                how = "the replica re-seeded from a copy of the live arrays"
+            else:
+                replayed = self._advance_replica(batch_no)
+                self.checkpoint_stats["by_replay"] += 1
+                how = f"{replayed:,} records replayed into the replica in {time.perf_counter() - t0:.2f} s"
+            _write_checkpoint(folder, self._replica.arrays, seq, batch_no, chain_hash, how)
+            self.checkpoint_error = None
+        except Exception as e:
+            self._replica = None
+            self._replica_shapes = None            # the next checkpoint seeds a replica by a copy
+            self.checkpoint_stats["failed"] += 1
+            self.checkpoint_error = f"checkpoint at sequence {seq} not written: {e}"
+            log.error("%s. The node goes on serving (the journal holds everything); the next checkpoint "
+                      "starts a new replica from the live state. Remedy if it repeats: run `yikatong verify --data %s`",
+                      self.checkpoint_error, self.data_dir)
 
-    def _start_snapshot_warm(self):
-        self._snapshot_warm = threading.Thread(target=self._warm_snapshot, args=(dict(self.engine.arrays),),
-                                               name="checkpoint-buffers", daemon=True)
-        self._snapshot_warm.start()
-
-    def _warm_snapshot(self, arrays: dict):
-        # a benign race: this reads arrays the engine may be writing; only the pages matter here
-        for name, array in arrays.items():
-            buffer = np.empty_like(array)
-            raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
-            self._snapshot_buffers[name] = buffer
+    def _advance_replica(self, batch_no: int) -> int:
+        """Replay the committed batches after the replica's up to `batch_no` into it; the replica
+        is seeded first, when there is none, as `open` seeds the live engine (newest checkpoint
+        file, its hash checked, or the empty engine of genesis)."""
+        headers = self.journal.headers()
+        if self._replica is None:
+            self._replica, _, self._replica_batch_no, _ = self._load_checkpoint(
+                self.data_dir, self.settings, self.journal, headers)
+        todo = headers[self._replica_batch_no:batch_no]
+        diverged = self._replay_batches(todo, engine=self._replica)
+        if diverged is not None:
+            raise diverged[2]
+        self._replica_batch_no = batch_no
+        replayed = int(todo["record_count"].sum())
+        self.checkpoint_stats["replayed_records"] += replayed
+        return replayed
 
     def close(self):
         if self._checkpoint_thread is not None:
@@ -454,18 +488,35 @@ class Node:
         self.journal.close()
 
 
-def _write_checkpoint_niced(*args) -> str:
-    """A background checkpoint at a lower CPU priority (nice +10, this thread only): on a busy
-    core its hashing and writing yield to the thread answering terminals."""
+def _run_when_idle() -> None:
+    """This thread runs only when its core has nothing else to run (Linux SCHED_IDLE), else at
+    nice +10. A checkpoint costs ≈ 1 s of CPU per million records (the replica's replay, the
+    file's CRC-32 and SHA-256): at nice +10 it still took ~10 % of a server core that is ~85 %
+    busy at 150,000 messages/s, and 5–25 % of the replies in the 4 s it ran were over 10 ms;
+    as SCHED_IDLE it waits for the core's idle moments (bench/README.md, "Checkpoints by
+    replay"). A saturated core delays the checkpoint, never a reply; the server starts the
+    next one only when this one is written."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))     # 0: this thread
+        return
+    except (AttributeError, OSError):
+        pass
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):
-        pass                                   # not Linux, or not permitted: same priority
-    return _write_checkpoint(*args)
+        pass                                       # not Linux, or not permitted: same priority
 
 
-def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes) -> str:
-    """The checkpoint file and, last, its .json (a checkpoint without it is ignored)."""
+def _shapes(arrays: dict) -> dict:
+    """Each array's (shape, dtype): what must match for a replayed replica to equal the engine."""
+    return {name: (array.shape, array.dtype) for name, array in arrays.items()}
+
+
+def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes,
+                      how: str = "") -> str:
+    """The checkpoint file and, last, its .json (a checkpoint without it is ignored). `how`:
+    what the log line says made the arrays (the replica's replay, a copy)."""
+    t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     name = f"ckpt-{seq:020d}"
     npz = os.path.join(folder, name + ".npz")
@@ -478,8 +529,15 @@ def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_
     meta = {"file": name + ".npz", "seq": seq, "batch_no": batch_no,
             "chain_hash": chain_hash.hex(), "file_" + CHECKPOINT_FILE_HASH: digest}
     _write_durably(os.path.join(folder, name + ".json"), json.dumps(meta).encode())
-    log.info("checkpoint at sequence %d (batch %d): %s", seq, batch_no, npz)
+    log.info("checkpoint at sequence %d (batch %d): %s (%swritten in %.2f s)", seq, batch_no, npz,
+             how + ", " if how else "", time.perf_counter() - t0)
     return npz
+
+
+def _copy_of(array: np.ndarray) -> np.ndarray:
+    copy = np.empty_like(array)
+    raw_copy(copy, array)
+    return copy
 
 
 def raw_copy(destination: np.ndarray, source: np.ndarray) -> None:

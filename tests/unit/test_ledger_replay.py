@@ -193,9 +193,9 @@ def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
 
 def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
     """A background checkpoint holds the arrays as they were when `checkpoint(background=True)`
-    returned (they are copied before it returns; a thread writes the copy): the node overwrites
-    every byte of its arrays right after, and the file still holds the state at the checkpoint's
-    sequence; recovery from it then equals the live node."""
+    returned (a thread replays the journal into the node's replica and writes that): the node
+    overwrites every byte of its arrays right after, and the file still holds the state at the
+    checkpoint's sequence; recovery from it then equals the live node."""
     path = str(tmp_path / "node")
     node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 600, seed=5)
@@ -215,3 +215,107 @@ def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
     assert json.load(open(npz[:-4] + ".json"))["seq"] == node.checkpoint_seq
     node.close()
     assert_recovers_from_checkpoint(path, live)
+
+
+def arrays_bytes(arrays: dict) -> dict:
+    return {name: a.tobytes() for name, a in arrays.items()}
+
+
+def background_checkpoint(node) -> tuple[str, dict]:
+    """(npz path, the live arrays at its sequence) of a background checkpoint, once written."""
+    at = arrays_bytes(node.engine.arrays)
+    npz = node.checkpoint(background=True)
+    return npz, at
+
+
+def test_background_checkpoints_replay_the_journal_into_a_replica_and_never_copy(tmp_path):
+    """Three background checkpoints with batches committed while each is written: every file is
+    the live state at its sequence byte for byte, made by replaying exactly the records since
+    the one before (genesis first) into the replica, with no copy of the live arrays."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    genesis_records = node.journal.last_seq
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 3000, seed=7)
+    expected = []
+    for k in range(3):
+        node.apply_and_append(q[k * 1000:k * 1000 + 600], BD)
+        expected.append(background_checkpoint(node))
+        node.apply_and_append(q[k * 1000 + 600:k * 1000 + 1000], BD)     # while it is written
+    node._checkpoint_thread.join()
+    assert node.checkpoint_stats == {"by_replay": 3, "by_copy": 0, "failed": 0,
+                                     "replayed_records": genesis_records + 600 + 1000 + 1000}
+    assert node.checkpoint_error is None
+    for npz, at in expected:
+        assert arrays_bytes(load_npz(npz)) == at
+    live = arrays_bytes(node.engine.arrays)
+    node.close()
+    assert_recovers_from_checkpoint(path, live)
+
+
+def test_replica_of_a_reopened_node_starts_from_its_newest_checkpoint(tmp_path):
+    """After a restart the replica is seeded from the checkpoint recovery used and replays only
+    the records after it."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=9)
+    node.apply_and_append(q[:300], BD)
+    node.checkpoint()                                   # foreground: the live arrays written
+    node.apply_and_append(q[300:500], BD)
+    node.close()
+    node = Node.open(path)
+    node.apply_and_append(q[500:900], BD)
+    npz, at = background_checkpoint(node)
+    node._checkpoint_thread.join()
+    assert node.checkpoint_stats == {"by_replay": 1, "by_copy": 0, "failed": 0, "replayed_records": 600}
+    assert arrays_bytes(load_npz(npz)) == at
+    node.close()
+
+
+def test_arrays_grown_outside_the_journal_reseed_the_replica_by_a_copy(tmp_path):
+    """Engine.reserve (card imports) changes the arrays without a record: the next background
+    checkpoint copies the live state into a new replica; the one after replays again."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=13)
+    node.apply_and_append(q[:300], BD)
+    node.engine.reserve(node.engine.card_capacity + 1)
+    first = background_checkpoint(node)
+    node.apply_and_append(q[300:600], BD)
+    second = background_checkpoint(node)
+    node.apply_and_append(q[600:], BD)
+    node._checkpoint_thread.join()
+    assert node.checkpoint_stats == {"by_replay": 1, "by_copy": 1, "failed": 0, "replayed_records": 300}
+    for npz, at in (first, second):
+        assert arrays_bytes(load_npz(npz)) == at
+    live = arrays_bytes(node.engine.arrays)
+    node.close()
+    assert_recovers_from_checkpoint(path, live)
+
+
+def test_replica_that_answers_differently_writes_no_checkpoint(tmp_path, caplog):
+    """A replica whose replay diverges from the journal (here: a card balance altered behind its
+    back) writes no file; the error is logged and kept; the node goes on, and the next
+    checkpoint starts a replica from a copy of the live state and is right again."""
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    genesis_records = node.journal.last_seq
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=17)
+    node.apply_and_append(q[:300], BD)
+    background_checkpoint(node)
+    node._checkpoint_thread.join()
+    node._replica.arrays["cards"]["ins_balance_fen"][:] += 1
+    node.apply_and_append(q[300:600], BD)
+    bad_seq = node.journal.last_seq
+    npz, _ = background_checkpoint(node)
+    node._checkpoint_thread.join()
+    assert not os.path.exists(npz) and not os.path.exists(npz[:-4] + ".json")
+    assert node.checkpoint_error.startswith(f"checkpoint at sequence {bad_seq} not written: replay diverged at sequence ")
+    assert any(r.levelname == "ERROR" and "not written" in r.getMessage() for r in caplog.records)
+    node.apply_and_append(q[600:], BD)
+    good = background_checkpoint(node)
+    node._checkpoint_thread.join()
+    assert node.checkpoint_stats == {"by_replay": 1, "by_copy": 1, "failed": 1,
+                                     "replayed_records": genesis_records + 300}
+    assert node.checkpoint_error is None
+    assert arrays_bytes(load_npz(good[0])) == good[1]
+    node.close()
