@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <time.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static inline uint64_t mix(uint64_t x) { x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL; x ^= x >> 27; x *= 0x94d049bb133111ebULL; return x ^ (x >> 31); }
@@ -34,7 +35,17 @@ typedef struct { uint64_t key; int64_t pos; } Bucket;        /* 16 B, as the ind
 #define PF(p)  __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const char*)(p)))
 #define PFW(p) __asm__ __volatile__("prefetchw %0" : : "m"(*(const char*)(p)))
 
-static void* zeroed(size_t n) { void* p = aligned_alloc(4096, (n + 4095) & ~(size_t)4095); memset(p, 0, n); return p; }
+/* As numpy allocates the engine's arrays: buffers of 4 MiB and more are madvised for transparent
+ * huge pages (numpy's default on Linux; /proc/PID/smaps of the engine shows its index tables and
+ * ring on 2 MiB pages). Without it this model overstated the index buckets' cost (TLB misses the
+ * engine does not have). NOHUGE=1 in the environment leaves them on 4 KiB pages. */
+static void* zeroed(size_t n) {
+    size_t m = (n + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1);
+    void* p = aligned_alloc(2u << 20, m);
+    if (n >= (4u << 20) && !getenv("NOHUGE")) madvise(p, m, MADV_HUGEPAGE);
+    memset(p, 0, n);
+    return p;
+}
 
 static inline uint64_t work_on(uint64_t v, uint64_t b, uint64_t c, uint64_t d, int work) {
     uint64_t a = v | 1;
