@@ -1,6 +1,7 @@
 """Recovery's replay path: the engine's in-place replay of journal rows equals apply_batch and names
 the first row that answers differently; the chain check on several threads names the first broken
 batch in journal order; batches of one record (2-byte-aligned LMDB values) replay exactly."""
+import hashlib
 import json
 import os
 import shutil
@@ -172,6 +173,46 @@ def test_checkpoint_file_round_trips_every_array_kind(tmp_path, pace):
             back = loaded[name]
             assert (back.dtype, back.shape, back.tobytes()) == (array.dtype, array.shape, array.tobytes()), name
             assert back.flags.writeable and back.flags.c_contiguous
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("piece_bytes", [4096, 1 << 20])
+def test_checkpoint_file_writes_save_npz_bytes_and_their_digest(tmp_path, direct, piece_bytes):
+    """CheckpointFile (O_DIRECT from an aligned buffer, or through the cache) holds the arrays
+    save_npz writes, whatever the piece size against the members' and the file's odd lengths (a
+    stream to zipfile: its members carry data descriptors, which np.load and load_npz read), and
+    close() returns the file's SHA-256 without reading it back."""
+    from yikatong.engine.layouts import TXN_DTYPE
+    from yikatong.ledger.node import CheckpointFile, file_digest, load_npz, save_npz
+    rng = np.random.default_rng(2)
+    arrays = {"txns": rng.integers(0, 256, 9_001 * TXN_DTYPE.itemsize, dtype=np.uint8).view(TXN_DTYPE),
+              "odd": rng.integers(0, 256, 12_345, dtype=np.uint8), "empty": np.zeros(0, "<i4")}
+    ours = str(tmp_path / "ours.npz")
+    f = CheckpointFile(ours, piece_bytes=piece_bytes, direct=direct)
+    try:
+        save_npz(f, arrays)
+        digest = f.close()
+    finally:
+        f.abandon()
+    assert f.direct == (direct and direct_io_works(str(tmp_path)))
+    data = open(ours, "rb").read()
+    assert len(data) % 4096 != 0                        # the padded last block was cut off
+    assert digest == file_digest(ours, "sha256") == hashlib.sha256(data).hexdigest()
+    loaded = load_npz(ours)
+    for name, array in arrays.items():
+        assert (loaded[name].dtype, loaded[name].tobytes()) == (array.dtype, array.tobytes()), name
+    with np.load(ours) as back:                          # zipfile's reader too (data descriptors)
+        assert back["odd"].tobytes() == arrays["odd"].tobytes()
+
+
+def direct_io_works(folder: str) -> bool:
+    """This file system takes O_DIRECT (ext4 does; tmpfs may refuse it)."""
+    try:
+        fd = os.open(os.path.join(folder, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
