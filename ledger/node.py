@@ -565,17 +565,19 @@ class CheckpointFile:
         self.direct = bool(direct)
         self._buffer = mmap.mmap(-1, piece_bytes or NPZ_PIECE_BYTES)   # page-aligned, as O_DIRECT needs
         self._view = memoryview(self._buffer)
+        self._array = np.frombuffer(self._buffer, np.uint8)   # copies into it release the GIL
         self._fill = 0
         self._position = 0
         self._hash = hashlib.new(CHECKPOINT_FILE_HASH)
 
     def write(self, data) -> int:
         data = memoryview(data).cast("B")
-        self._hash.update(data)
+        self._hash.update(data)                            # hashlib releases the GIL too
+        source = np.frombuffer(data, np.uint8)
         at, size = 0, len(data)
         while at < size:
             take = min(size - at, len(self._view) - self._fill)
-            self._view[self._fill:self._fill + take] = data[at:at + take]
+            self._array[self._fill:self._fill + take] = source[at:at + take]
             self._fill += take
             at += take
             if self._fill == len(self._view):
@@ -618,6 +620,7 @@ class CheckpointFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._array = None
         self._view.release()
         self._buffer.close()
 

@@ -103,7 +103,9 @@ class Metrics:
             merged[(CMD_NAMES.get(cmd, str(cmd)), _batch.code_of_slot(slot))] += int(self.message_counts[cmd, slot])
         return merged
 
-    def render(self) -> str:
+    def render(self, checkpoints: dict | None = None, checkpoint_failing: bool = False) -> str:
+        """The Prometheus text; `checkpoints`: Node.checkpoint_stats (how the node's background
+        checkpoints were made), `checkpoint_failing`: the last one was not written."""
         lines = ["# HELP yikatong_messages_total Messages answered, by message kind and response code.",
                  "# TYPE yikatong_messages_total counter"]
         for (kind, code), n in sorted(self.all_messages().items()):
@@ -131,6 +133,18 @@ class Metrics:
                  "Connections closed because their stream could not be framed."),
                 ("yikatong_batches_total", self.batches, "counter", "Engine batches applied.")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        if checkpoints is not None:
+            lines += ["# HELP yikatong_checkpoints_total Background checkpoints, by how the arrays were made "
+                      "(replay: the replica replayed the journal; copy: re-seeded from the live arrays) or failed.",
+                      "# TYPE yikatong_checkpoints_total counter"]
+            lines += [f'yikatong_checkpoints_total{{how="{how}"}} {checkpoints[key]}'
+                      for how, key in (("replay", "by_replay"), ("copy", "by_copy"), ("failed", "failed"))]
+            lines += ["# HELP yikatong_checkpoint_replayed_records_total Journal records replayed into the "
+                      "checkpoint replica.", "# TYPE yikatong_checkpoint_replayed_records_total counter",
+                      f"yikatong_checkpoint_replayed_records_total {checkpoints['replayed_records']}",
+                      "# HELP yikatong_checkpoint_failing 1 when the last background checkpoint was not written "
+                      "(the log says why).", "# TYPE yikatong_checkpoint_failing gauge",
+                      f"yikatong_checkpoint_failing {int(checkpoint_failing)}"]
         return "\n".join(lines) + "\n"
 
 
@@ -385,7 +399,8 @@ class Server:
         async def handle(reader, writer):
             try:
                 await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                body = self.metrics.render().encode()
+                body = self.metrics.render(self.node.checkpoint_stats,
+                                           self.node.checkpoint_error is not None).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
                 await writer.drain()

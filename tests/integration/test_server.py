@@ -485,6 +485,9 @@ def test_metrics_count_what_was_sent(srv):
     assert srv.metric("yikatong_reply_latency_ms_sum") > reply_ms_before       # each waited at least its commit
     assert (srv.metric('yikatong_reply_latency_ms_bucket{le="+Inf"}')
             == srv.metric("yikatong_reply_latency_ms_count"))
+    # no checkpoint falls due on this node (1,000,000 records apart): none made, none failing
+    assert [srv.metric(f'yikatong_checkpoints_total{{how="{how}"}}') for how in ("replay", "copy", "failed")] == [0, 0, 0]
+    assert srv.metric("yikatong_checkpoint_failing") == 0
 
 
 # ---- 3. garbage --------------------------------------------------------------------------------
