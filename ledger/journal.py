@@ -388,9 +388,17 @@ class Journal:
         return header[0]
 
     # ---- reading ------------------------------------------------------------------------------
-    def headers(self) -> np.ndarray:
+    def headers(self, first_batch_no: int = 1, last_batch_no: int | None = None) -> np.ndarray:
+        """The batch headers first_batch_no..last_batch_no (inclusive; default all), in order."""
         with self.env.begin() as txn:
-            values = [v for _, v in txn.cursor(db=self.headers_db)]
+            cursor = txn.cursor(db=self.headers_db)
+            values = []
+            if cursor.set_range(be64(first_batch_no)):
+                last_key = be64(last_batch_no) if last_batch_no is not None else None
+                for key, value in cursor:
+                    if last_key is not None and key > last_key:
+                        break
+                    values.append(value)
         return np.frombuffer(b"".join(values), dtype=HEADER_DTYPE) if values else np.zeros(0, dtype=HEADER_DTYPE)
 
     def read(self, first: int = 1, last: int | None = None, out: np.ndarray | None = None) -> np.ndarray:

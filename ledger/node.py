@@ -463,12 +463,15 @@ class Node:
     def _advance_replica(self, batch_no: int) -> int:
         """Replay the committed batches after the replica's up to `batch_no` into it; the replica
         is seeded first, when there is none, as `open` seeds the live engine (newest checkpoint
-        file, its hash checked, or the empty engine of genesis)."""
-        headers = self.journal.headers()
+        file, its hash checked, or the empty engine of genesis: the first checkpoint after a
+        start replays what the node served since, genesis included on a new node)."""
         if self._replica is None:
+            headers = self.journal.headers(last_batch_no=batch_no)
             self._replica, _, self._replica_batch_no, _ = self._load_checkpoint(
                 self.data_dir, self.settings, self.journal, headers)
-        todo = headers[self._replica_batch_no:batch_no]
+            todo = headers[self._replica_batch_no:batch_no]
+        else:                                      # only the batches since the last checkpoint
+            todo = self.journal.headers(self._replica_batch_no + 1, batch_no)
         diverged = self._replay_batches(todo, engine=self._replica)
         if diverged is not None:
             raise diverged[2]

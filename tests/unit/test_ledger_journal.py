@@ -45,7 +45,13 @@ def test_read_returns_exact_ranges(node_dir):
         part = j.read(400, 1234)
         assert (part["seq"] == np.arange(400, 1235)).all()
         assert j.read(j.last_seq + 1).shape == (0,)
-        assert j.headers().shape[0] == 2 + 1 + 12          # named, family, generated, 12 batches
+        headers = j.headers()
+        assert headers.shape[0] == 2 + 1 + 12               # named, family, generated, 12 batches
+        assert (headers["batch_no"] == np.arange(1, 16)).all()
+        assert j.headers(4, 9).tobytes() == headers[3:9].tobytes()      # a range: batches 4..9
+        assert j.headers(13).tobytes() == headers[12:].tobytes()
+        assert j.headers(last_batch_no=2).tobytes() == headers[:2].tobytes()
+        assert j.headers(16).shape == (0,) and j.headers(9, 8).shape == (0,)
     finally:
         j.close()
 
