@@ -90,7 +90,7 @@ def perform(node, keys, action: str, body: CardAction, business_date: int) -> Ac
     if cmd == Cmd.REPLACE and body.new_pan:
         fields["pin_pvv"] = keys.pvv(keys.pan_hash(body.new_pan), "888888")
         fields["pin_pvv_new"] = keys.pvv(keys.pan_hash(body.new_pan), "123456")
-        node.engine.reserve(node.engine.card_count + 1)
+        node.reserve_cards(node.engine.card_count + 1)
     if cmd == Cmd.FORMAL_LOSS and body.stolen:
         fields["med_type"] = 1
     q = build_request(node.engine, keys, cmd, pan=body.pan, **fields)

@@ -407,7 +407,7 @@ def import_issuance(node, keys: CardKeys, data: bytes, encoding: str, business_d
     chunks = _line_chunks(starts.shape[0] - 1)
     # room for every line's card at once (a reserve copies the card columns and rebuilds the
     # indexes: once, not per chunk)
-    node.engine.reserve(node.engine.card_count + starts.shape[0] - 1)
+    node.reserve_cards(node.engine.card_count + starts.shape[0] - 1)
     bad_lines, codes_parts, lines_parts, tickets, last_ticket = [], [], [], [], None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="issuance-parse") as parser:
         ahead = parser.submit(parse, *chunks[0]) if chunks else None

@@ -125,11 +125,13 @@ class Engine:
     def card_capacity(self) -> int:
         return self.arrays["cards"].shape[0]
 
-    def reserve(self, card_count: int):
-        """Make room for `card_count` cards in all (between batches; copies the columns)."""
+    def reserve(self, card_count: int, exact: bool = False):
+        """Make room for `card_count` cards in all (between batches; copies the columns): at
+        least twice the capacity before, or exactly `card_count` (`exact`: a replay repeating a
+        journaled growth). A node journals its growth: `Node.reserve_cards`."""
         if card_count <= self.card_capacity:
             return
-        capacity = max(card_count, self.card_capacity * 2)
+        capacity = card_count if exact else max(card_count, self.card_capacity * 2)
         grown = card_arrays(capacity)
         n = self.card_capacity
         for name, column in grown.items():

@@ -24,7 +24,7 @@ from yikatong.engine import Engine
 from yikatong.engine.config import NodeConfig
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
-from .records import KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
+from .records import KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
 
 log = logging.getLogger("yikatong.ledger")
 
@@ -77,8 +77,9 @@ class Node:
         # checkpoint thread touches it.
         self._replica: Engine | None = None
         self._replica_batch_no = 0
-        # the arrays' shapes a replica seeded from the newest checkpoint file (or genesis) has:
-        # the live engine's now, before any batch
+        # the arrays' shapes the replica will have at the next checkpoint, if only the journal
+        # changed them: the live engine's now (open sets them again after its replay), and
+        # again after each journaled growth (reserve_cards)
         self._replica_shapes = _shapes(engine.arrays)
         self.checkpoint_stats = {"by_replay": 0, "by_copy": 0, "replayed_records": 0, "failed": 0}
         self.checkpoint_error: str | None = None
@@ -189,6 +190,9 @@ class Node:
                 chain.join()
                 raise
             node._replay_tail(batch_no, chain_hash, headers, chain)
+            # everything the live arrays hold now came from the journal (journaled growth
+            # included), so a replica seeded as above and replayed as far reaches these shapes
+            node._replica_shapes = _shapes(node.engine.arrays)
             node._start_prefix_check(headers[:batch_no])
         except BaseException:
             journal.close()
@@ -335,12 +339,44 @@ class Node:
                 kinds = np.ndarray(count, "<u2", rows, kind_offset, (size,))
                 if (kinds == KIND_CUTOVER).all():
                     continue                       # a cutover changes no engine state
+                if (kinds == KIND_CAPACITY).all():
+                    engine.reserve(journaled_capacity(rows), exact=True)
+                    continue
                 bad = engine.replay_rows(rows, size, request_offset, result_offset, business_date=date)
                 if bad >= 0:
                     return batch_no, 3, CorruptLedgerError(
                         f"replay diverged at sequence {first + bad}: the engine answered differently from "
                         f"the journal (engine or configuration changed?)")
         return None
+
+    def reserve_cards(self, card_count: int) -> None:
+        """Room for `card_count` cards (Engine.reserve), journaled: a KIND_CAPACITY record with
+        the new capacity is committed before any batch that may use the room, so recovery,
+        `verify` and the checkpoint replica grow the card columns at the same point in the
+        sequence as the live engine (DESIGN.md §6.8). Without it a node that grew for a card
+        import could not restart before its next checkpoint: the replayed issuances answered 96
+        (no room) where the journal says 00. Returns once the record is durable."""
+        if card_count <= self.engine.card_capacity:
+            return
+        if self.failed:
+            raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
+        self.engine.reserve(card_count)
+        record = np.zeros(1, dtype=RECORD_DTYPE)
+        record["seq"] = self.journal.last_seq + 1
+        record["layout_version"] = RECORD_LAYOUT_VERSION
+        record["record_kind"] = KIND_CAPACITY
+        record["business_date"] = self.business_date
+        record["request"]["amount_fen"] = self.engine.card_capacity
+        try:
+            ticket = self.journal.submit(record, self.business_date)
+        except Exception as e:
+            self.failed = str(e)
+            raise
+        if self._replica_shapes is not None:
+            # the replica grows when it replays this record: no copy needed for it
+            self._replica_shapes = _shapes(self.engine.arrays)
+        log.info("card capacity grown to %d cards at sequence %d", self.engine.card_capacity, self.journal.last_seq)
+        self.wait_durable(ticket)
 
     # ---- the write path -----------------------------------------------------------------------
     def submit(self, requests: np.ndarray, business_date: int | None = None,
@@ -398,7 +434,8 @@ class Node:
         goes on applying batches and the writer process goes on committing. Copying the
         255 MB of a 100,000-card node's arrays here instead stalled the serving loop 30–48 ms
         per checkpoint (bench/README.md). Only when the live arrays changed shape outside the
-        journal (`Engine.reserve`, card imports) is the replica re-seeded by a copy here.
+        journal (`Engine.reserve` called directly, not `reserve_cards`) is the replica re-seeded
+        by a copy here.
 
         A checkpoint due while the previous one is still being written waits for it here
         (checkpoint positions stay deterministic); the server never calls it then
@@ -416,8 +453,8 @@ class Node:
             return _write_checkpoint(folder, self.engine.arrays, seq, batch_no, chain_hash)
         seed = None
         if self._replica_shapes != _shapes(self.engine.arrays):
-            # the live arrays grew outside the journal (Engine.reserve): a replay cannot know
-            # when, so the replica starts again from a copy of the live state, here
+            # the live arrays grew outside the journal (Engine.reserve, not reserve_cards): a
+            # replay cannot know when, so the replica starts again from a copy of the live state
             seed = {name: _copy_of(array) for name, array in self.engine.arrays.items()}
             self._replica = None
             self._replica_shapes = _shapes(seed)
@@ -509,6 +546,11 @@ def _run_when_idle() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):
         pass                                       # not Linux, or not permitted: same priority
+
+
+def journaled_capacity(rows) -> int:
+    """The capacity a KIND_CAPACITY batch (raw record bytes) grew the card columns to."""
+    return int(np.frombuffer(rows, RECORD_DTYPE)["request"]["amount_fen"].max())
 
 
 def _shapes(arrays: dict) -> dict:

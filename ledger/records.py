@@ -18,6 +18,7 @@ RECORD_LAYOUT_VERSION = 1
 # record_kind: what produced the row
 KIND_COMMAND = 1        # a request applied by the engine (terminal, admin, file)
 KIND_CUTOVER = 2        # 日切: the business date changes after this record (issue 7)
+KIND_CAPACITY = 3       # the card columns grew to request.amount_fen cards (Node.reserve_cards); replay grows them there
 
 RECORD_DTYPE = np.dtype([
     ("seq", "<u8"),                  # journal sequence, contiguous from 1

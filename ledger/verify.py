@@ -10,7 +10,7 @@ from yikatong.engine import Engine, Cmd, ResFlag
 
 from .journal import CorruptLedgerError, Journal
 from .node import Node, NodeSettings, check_batch, load_checkpoint_arrays
-from .records import KIND_CUTOVER, RECORD_DTYPE
+from .records import KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE
 
 
 class VerifyError(Exception):
@@ -56,7 +56,7 @@ def verify(data_dir: str) -> dict:
         batches = records_count = 0
         money_by_date: dict[int, int] = {}
         checked_checkpoints = 0
-        cutovers = 0
+        cutovers = capacity_changes = 0
         for header, payload in journal.batches():
             first = int(header["first_seq"])
             if first != next_seq:
@@ -77,35 +77,15 @@ def verify(data_dir: str) -> dict:
             if (records["business_date"] != bd).any():
                 raise VerifyError(first, bd, int(records["business_date"][0]), "record business date")
             res = records["result"]
-            if (records["record_kind"] == KIND_CUTOVER).all():
-                cutovers += 1
-                prev_hash, next_seq, last_date = bytes(header["hash"]), int(header["last_seq"]) + 1, bd
-                batches += 1
-                records_count += records.shape[0]
-                continue
-            # every medical leg identity (total = fund + legs + cash) on approved settlements
-            med = (res["cmd"] == Cmd.MED_SETTLE) & ((res["outcome_flags"] & ResFlag.POSTED) != 0)
-            lhs = res["amount_fen"][med]
-            rhs = (res["fund_fen"] + res["ins_leg_fen"] + res["aid_leg_fen"] + res["fin_leg_fen"] + res["cash_fen"])[med]
-            if (lhs != rhs).any():
-                bad = int(np.flatnonzero(lhs != rhs)[0])
-                raise VerifyError(int(records["seq"][med][bad]), int(lhs[bad]), int(rhs[bad]),
-                                  "total = fund + insurance + aid + financial + cash")
-            # replay: same answers, and the balances moved by exactly what the answers say
-            before = total_balance_fen(engine)
-            # the engine's replay loop: each request applied where it lies, its result compared
-            # with the recorded one in C (no column copies); rows must be 8-byte aligned
-            rows = (records if records.ctypes.data % 8 == 0 else records.copy()).view(np.uint8)
-            bad = engine.replay_rows(rows, RECORD_DTYPE.itemsize, RECORD_DTYPE.fields["request"][1],
-                                     RECORD_DTYPE.fields["result"][1], business_date=bd)
-            if bad >= 0:
-                raise VerifyError(int(records["seq"][bad]), "the recorded result", "another result on replay",
-                                  "replay")
-            moved = total_balance_fen(engine) - before
-            said = balance_change_fen(res)
-            if moved != said:
-                raise VerifyError(first, said, moved, f"money conserved on business date {bd} (balances moved)")
-            money_by_date[bd] = money_by_date.get(bd, 0) + said
+            kinds = records["record_kind"]
+            if (kinds == KIND_CUTOVER).all():
+                cutovers += 1                      # 日切: no engine state changes
+            elif (kinds == KIND_CAPACITY).all():
+                # the card columns grew here (Node.reserve_cards): grow the replay's alike
+                engine.reserve(int(records["request"]["amount_fen"].max()), exact=True)
+                capacity_changes += 1
+            else:
+                replay_commands(engine, records, res, first, bd, money_by_date)
             last = int(header["last_seq"])
             if last in checkpoints:
                 arrays, digest = load_checkpoint_arrays(checkpoints[last])
@@ -124,6 +104,34 @@ def verify(data_dir: str) -> dict:
             raise VerifyError(missing[0] if missing else next_seq, "a checkpoint at a batch end",
                               "a checkpoint past the journal or mid-batch", "checkpoint position")
         return {"batches": batches, "records": records_count, "checkpoints": checked_checkpoints,
-                "business_dates": len(money_by_date), "last_seq": next_seq - 1, "cutovers": cutovers}
+                "business_dates": len(money_by_date), "last_seq": next_seq - 1, "cutovers": cutovers,
+                "capacity_changes": capacity_changes}
     finally:
         journal.close()
+
+
+def replay_commands(engine, records, res, first: int, bd: int, money_by_date: dict) -> None:
+    """One batch of commands: the leg identity of every approved settlement, the replay (same
+    answers), and the money the answers say moved (the balances moved by exactly that)."""
+    # every medical leg identity (total = fund + legs + cash) on approved settlements
+    med = (res["cmd"] == Cmd.MED_SETTLE) & ((res["outcome_flags"] & ResFlag.POSTED) != 0)
+    lhs = res["amount_fen"][med]
+    rhs = (res["fund_fen"] + res["ins_leg_fen"] + res["aid_leg_fen"] + res["fin_leg_fen"] + res["cash_fen"])[med]
+    if (lhs != rhs).any():
+        bad = int(np.flatnonzero(lhs != rhs)[0])
+        raise VerifyError(int(records["seq"][med][bad]), int(lhs[bad]), int(rhs[bad]),
+                          "total = fund + insurance + aid + financial + cash")
+    # replay: same answers, and the balances moved by exactly what the answers say
+    before = total_balance_fen(engine)
+    # the engine's replay loop: each request applied where it lies, its result compared
+    # with the recorded one in C (no column copies); rows must be 8-byte aligned
+    rows = (records if records.ctypes.data % 8 == 0 else records.copy()).view(np.uint8)
+    bad = engine.replay_rows(rows, RECORD_DTYPE.itemsize, RECORD_DTYPE.fields["request"][1],
+                             RECORD_DTYPE.fields["result"][1], business_date=bd)
+    if bad >= 0:
+        raise VerifyError(int(records["seq"][bad]), "the recorded result", "another result on replay", "replay")
+    moved = total_balance_fen(engine) - before
+    said = balance_change_fen(res)
+    if moved != said:
+        raise VerifyError(first, said, moved, f"money conserved on business date {bd} (balances moved)")
+    money_by_date[bd] = money_by_date.get(bd, 0) + said

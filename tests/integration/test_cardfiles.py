@@ -226,3 +226,38 @@ def test_cli_disburse_with_holders(tmp_path):
     assert (tmp_path / "pay.csv.result.csv").read_bytes() == (
         "batch_no,line,amount_fen,result,reason\r\nB1,1,2000,success,\r\n"
         "B1,2,2000,failed,name mismatch (户名不符)\r\n").encode()
+
+
+def test_import_beyond_capacity_is_journaled_and_the_node_restarts(tmp_path):
+    """A card import that needs more room than the node was created with grows the card columns
+    through the journal (a KIND_CAPACITY record): the node restarts with no checkpoint since
+    (recovery replays the growth, then the issuances: before, they answered 96 on replay and
+    the node refused to start), `verify` from genesis passes, and a background checkpoint after
+    it is made by the replica's replay (no copy), byte for byte the live state."""
+    from yikatong.ledger.records import KIND_CAPACITY
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 10, business_date=BD, txn_retention_count=1 << 12, spare_cards=1)
+    before = node.engine.card_capacity
+    assert node.engine.card_count == before - 1                      # room for one more card only
+    report = import_issuance(node, KEYS, issuance_file().encode(), "utf-8", BD)
+    assert report.counts["imported"] == 2
+    assert node.engine.card_capacity == 2 * before                   # grown (at least doubled)
+    grown_at = [int(r["seq"]) for r in node.journal.read() if r["record_kind"] == KIND_CAPACITY]
+    assert len(grown_at) == 1
+    live = {name: a.tobytes() for name, a in node.engine.arrays.items()}
+    node.close()
+    node = Node.open(path)
+    try:
+        assert node.checkpoint_seq == 0                               # recovered from genesis
+        assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
+        at = {name: a.tobytes() for name, a in node.engine.arrays.items()}
+        npz = node.checkpoint(background=True)
+        node._checkpoint_thread.join()
+        assert node.checkpoint_stats == {"by_replay": 1, "by_copy": 0, "failed": 0,
+                                         "replayed_records": node.journal.last_seq}
+        from yikatong.ledger.node import load_npz
+        assert {name: a.tobytes() for name, a in load_npz(npz).items()} == at
+    finally:
+        node.close()
+    result = verify(path)
+    assert (result["capacity_changes"], result["checkpoints"]) == (1, 1)

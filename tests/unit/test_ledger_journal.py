@@ -98,7 +98,7 @@ def test_idempotency_survives_restart(node_dir):
 def test_verify_ok_counts(node_dir):
     report = verify(node_dir)
     assert report == {"batches": 15, "records": 6000 + 100309 - 100000, "checkpoints": 3,
-                      "business_dates": 2, "last_seq": 6309, "cutovers": 0}
+                      "business_dates": 2, "last_seq": 6309, "cutovers": 0, "capacity_changes": 0}
 
 
 def corrupt_copy(node_dir, tmp_path, name="flip") -> str:

@@ -313,8 +313,9 @@ def test_replica_of_a_reopened_node_starts_from_its_newest_checkpoint(tmp_path):
 
 
 def test_arrays_grown_outside_the_journal_reseed_the_replica_by_a_copy(tmp_path):
-    """Engine.reserve (card imports) changes the arrays without a record: the next background
-    checkpoint copies the live state into a new replica; the one after replays again."""
+    """Engine.reserve called directly (not Node.reserve_cards, which journals the growth)
+    changes the arrays without a record: the next background checkpoint copies the live state
+    into a new replica; the one after replays again."""
     path = str(tmp_path / "node")
     node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=13)
