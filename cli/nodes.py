@@ -6,10 +6,10 @@ from yikatong.ledger.node import Node, NodeSettings
 
 def init_demo_node(data_dir: str, generated_cards: int = 100_000, checkpoint_every_records: int = 1_000_000,
                    business_date: int | None = None, spare_cards: int = 1024,
-                   txn_retention_count: int = 1 << 20) -> Node:
+                   txn_retention_count: int = 1 << 20, checkpoint_by: str = "copy") -> Node:
     settings = NodeSettings(config=demo_config(), card_capacity=len(NAMED_CARDS) + generated_cards + spare_cards,
                             checkpoint_every_records=checkpoint_every_records,
-                            txn_retention_count=txn_retention_count)
+                            txn_retention_count=txn_retention_count, checkpoint_by=checkpoint_by)
     node = Node.init(data_dir, settings, genesis_batches(CardKeys(DEMO_DATA_KEY), generated_cards),
                      business_date or today())
     # DEMO.md: every demo terminal has the same TMK; at rest it is encrypted under the master key

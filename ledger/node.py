@@ -17,6 +17,8 @@ import threading
 import time
 import zipfile
 
+from typing import Literal
+
 import msgspec
 import numpy as np
 
@@ -40,6 +42,12 @@ class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
     txn_retention_count: int = 1 << 20
     checkpoint_every_records: int = 1_000_000
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+    # How a background checkpoint gets the arrays (docs/ledger.md, "Checkpoints"): "copy" (a
+    # memcpy into pre-faulted buffers between batches: 35 ms for the 255 MB demo node, 153 ms
+    # for 10 M cards) or "replay" (a replica engine replays the journal: no pause, but its
+    # replay competes with the server for the core's caches; on an aged ledger under sustained
+    # load it measured worse than the copy, bench/README.md)
+    checkpoint_by: Literal["copy", "replay"] = "copy"
 
 
 def _fsync_dir(path: str):
@@ -61,7 +69,11 @@ def _write_durably(path: str, data: bytes):
 
 
 class Node:
-    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine):
+    def __init__(self, data_dir: str, settings: NodeSettings, journal: Journal, engine: Engine,
+                 warm_snapshot: bool = True):
+        """`warm_snapshot=False`: the copy's buffers (checkpoint_by "copy") are faulted in later,
+        by `_start_snapshot_warm` (recovery starts it once the tail is replayed: its 255 MB of
+        page faults would otherwise share the cores with the replay)."""
         self.data_dir = data_dir
         self.settings = settings
         self.journal = journal
@@ -83,6 +95,10 @@ class Node:
         self._replica_shapes = _shapes(engine.arrays)
         self.checkpoint_stats = {"by_replay": 0, "by_copy": 0, "replayed_records": 0, "failed": 0}
         self.checkpoint_error: str | None = None
+        self._snapshot_buffers: dict = {}
+        self._snapshot_warm = None
+        if warm_snapshot:
+            self._start_snapshot_warm()
         # Commits go to the writer process from here on (DESIGN.md §4: not a thread, the GIL).
         journal.start_writer()
 
@@ -183,7 +199,7 @@ class Node:
             try:
                 engine, seq, batch_no, chain_hash = cls._load_checkpoint(data_dir, settings, journal, headers,
                                                                          meta_path=meta_path)
-                node = cls(data_dir, settings, journal, engine)
+                node = cls(data_dir, settings, journal, engine, warm_snapshot=False)
                 node.checkpoint_seq = seq
             except BaseException:
                 chain.stop()
@@ -193,6 +209,7 @@ class Node:
             # everything the live arrays hold now came from the journal (journaled growth
             # included), so a replica seeded as above and replayed as far reaches these shapes
             node._replica_shapes = _shapes(node.engine.arrays)
+            node._start_snapshot_warm()
             node._start_prefix_check(headers[:batch_no])
         except BaseException:
             journal.close()
@@ -427,15 +444,17 @@ class Node:
         Returns the .npz path.
 
         In the foreground the live arrays are written as they are (the caller waits). In the
-        background (`background=True`, the server's way) nothing of the live engine is copied:
-        a thread brings the node's replica engine up to this sequence by replaying the
-        committed journal through the same apply (every replayed result compared with the
-        journal's, as recovery does) and writes the replica's arrays, while the live engine
-        goes on applying batches and the writer process goes on committing. Copying the
-        255 MB of a 100,000-card node's arrays here instead stalled the serving loop 30–48 ms
-        per checkpoint (bench/README.md). Only when the live arrays changed shape outside the
-        journal (`Engine.reserve` called directly, not `reserve_cards`) is the replica re-seeded
-        by a copy here.
+        background (`background=True`, the server's way) the file is written by a SCHED_IDLE
+        thread while batches go on, from arrays made as `settings.checkpoint_by` says:
+        - "copy" (the default): the live arrays copied here, between batches, into buffers
+          pre-faulted at start-up (35 ms for the 255 MB demo node, 153 ms for 10 M cards);
+        - "replay": nothing of the live engine is copied; the thread brings the node's replica
+          engine up to this sequence by replaying the committed journal through the same apply
+          (every replayed result compared with the journal's, as recovery does) and writes the
+          replica's arrays. Only when the live arrays changed shape outside the journal
+          (`Engine.reserve` called directly, not `reserve_cards`) is the replica re-seeded by a
+          copy here. No pause, but the replay's memory traffic competes with the server's: on
+          an aged ledger under sustained load it measured worse than the copy (bench/README.md).
 
         A checkpoint due while the previous one is still being written waits for it here
         (checkpoint positions stay deterministic); the server never calls it then
@@ -452,6 +471,13 @@ class Node:
         if not background:
             return _write_checkpoint(folder, self.engine.arrays, seq, batch_no, chain_hash)
         seed = None
+        if self.settings.checkpoint_by == "copy":
+            arrays = self._snapshot()
+            self._checkpoint_thread = threading.Thread(
+                target=self._write_copied, args=(folder, arrays, seq, batch_no, chain_hash),
+                name="checkpoint", daemon=True)
+            self._checkpoint_thread.start()
+            return npz
         if self._replica_shapes != _shapes(self.engine.arrays):
             # the live arrays grew outside the journal (Engine.reserve, not reserve_cards): a
             # replay cannot know when, so the replica starts again from a copy of the live state
@@ -467,6 +493,51 @@ class Node:
     def checkpoint_in_progress(self) -> bool:
         """A background checkpoint is still being written."""
         return self._checkpoint_thread is not None and self._checkpoint_thread.is_alive()
+
+    def _snapshot(self) -> dict:
+        """The engine's arrays copied into buffers kept from one checkpoint to the next (free
+        again: one checkpoint at a time). This copy is the one part of a "copy" checkpoint on
+        the reply path; into fresh memory it page-faults every 4 KiB and measured ≈ 3× a plain
+        memcpy (≈ 0.4 s for 255 MB on an aged node), so the buffers are faulted in once, at
+        start-up, by a thread."""
+        if self._snapshot_warm is not None:
+            self._snapshot_warm.join()
+        buffers = self._snapshot_buffers
+        for name, array in self.engine.arrays.items():
+            buffer = buffers.get(name)
+            if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+                buffer = buffers[name] = np.empty_like(array)      # the engine grew this array
+            raw_copy(buffer, array)
+        for name in set(buffers) - set(self.engine.arrays):
+            del buffers[name]
+        return dict(buffers)
+
+    def _start_snapshot_warm(self):
+        if self.settings.checkpoint_by != "copy":
+            return
+        self._snapshot_warm = threading.Thread(target=self._warm_snapshot, args=(dict(self.engine.arrays),),
+                                               name="checkpoint-buffers", daemon=True)
+        self._snapshot_warm.start()
+
+    def _warm_snapshot(self, arrays: dict):
+        # a benign race: this reads arrays the engine may be writing; only the pages matter here
+        for name, array in arrays.items():
+            buffer = np.empty_like(array)
+            raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
+            self._snapshot_buffers[name] = buffer
+
+    def _write_copied(self, folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes) -> None:
+        """The checkpoint thread of a "copy" checkpoint (SCHED_IDLE): the copied arrays to the file."""
+        _run_when_idle()
+        try:
+            _write_checkpoint(folder, arrays, seq, batch_no, chain_hash, "copied between batches")
+            self.checkpoint_stats["by_copy"] += 1
+            self.checkpoint_error = None
+        except Exception as e:
+            self.checkpoint_stats["failed"] += 1
+            self.checkpoint_error = f"checkpoint at sequence {seq} not written: {e}"
+            log.error("%s. The node goes on serving (the journal holds everything). Remedy: check the data "
+                      "directory's disk", self.checkpoint_error)
 
     def _background_checkpoint(self, folder: str, seq: int, batch_no: int, chain_hash: bytes,
                                seed: dict | None) -> None:

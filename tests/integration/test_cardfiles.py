@@ -232,11 +232,13 @@ def test_import_beyond_capacity_is_journaled_and_the_node_restarts(tmp_path):
     """A card import that needs more room than the node was created with grows the card columns
     through the journal (a KIND_CAPACITY record): the node restarts with no checkpoint since
     (recovery replays the growth, then the issuances: before, they answered 96 on replay and
-    the node refused to start), `verify` from genesis passes, and a background checkpoint after
-    it is made by the replica's replay (no copy), byte for byte the live state."""
+    the node refused to start), `verify` from genesis passes, and on a node that checkpoints by
+    replay a background checkpoint after it is made by the replica (no copy), byte for byte
+    the live state."""
     from yikatong.ledger.records import KIND_CAPACITY
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 10, business_date=BD, txn_retention_count=1 << 12, spare_cards=1)
+    node = init_demo_node(path, 10, business_date=BD, txn_retention_count=1 << 12, spare_cards=1,
+                          checkpoint_by="replay")
     before = node.engine.card_capacity
     assert node.engine.card_count == before - 1                      # room for one more card only
     report = import_issuance(node, KEYS, issuance_file().encode(), "utf-8", BD)

@@ -232,13 +232,15 @@ def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
 
 
 
-def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
+@pytest.mark.parametrize("checkpoint_by", ["copy", "replay"])
+def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path, checkpoint_by):
     """A background checkpoint holds the arrays as they were when `checkpoint(background=True)`
-    returned (a thread replays the journal into the node's replica and writes that): the node
-    overwrites every byte of its arrays right after, and the file still holds the state at the
-    checkpoint's sequence; recovery from it then equals the live node."""
+    returned (copied before it returns, or replayed into the node's replica by its thread):
+    the node overwrites every byte of its arrays right after, and the file still holds the
+    state at the checkpoint's sequence; recovery from it then equals the live node."""
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10,
+                          checkpoint_by=checkpoint_by)
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 600, seed=5)
     node.apply_and_append(q[:300], BD)
     at_checkpoint = {name: a.tobytes() for name, a in node.engine.arrays.items()}
@@ -254,6 +256,7 @@ def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path):
     assert not node.checkpoint_in_progress()
     assert {name: a.tobytes() for name, a in load_npz(npz).items()} == at_checkpoint
     assert json.load(open(npz[:-4] + ".json"))["seq"] == node.checkpoint_seq
+    assert node.checkpoint_stats["by_" + checkpoint_by] == 1 and node.checkpoint_stats["failed"] == 0
     node.close()
     assert_recovers_from_checkpoint(path, live)
 
@@ -274,7 +277,8 @@ def test_background_checkpoints_replay_the_journal_into_a_replica_and_never_copy
     the live state at its sequence byte for byte, made by replaying exactly the records since
     the one before (genesis first) into the replica, with no copy of the live arrays."""
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10,
+                          checkpoint_by="replay")
     genesis_records = node.journal.last_seq
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 3000, seed=7)
     expected = []
@@ -297,7 +301,8 @@ def test_replica_of_a_reopened_node_starts_from_its_newest_checkpoint(tmp_path):
     """After a restart the replica is seeded from the checkpoint recovery used and replays only
     the records after it."""
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10,
+                          checkpoint_by="replay")
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=9)
     node.apply_and_append(q[:300], BD)
     node.checkpoint()                                   # foreground: the live arrays written
@@ -317,7 +322,8 @@ def test_arrays_grown_outside_the_journal_reseed_the_replica_by_a_copy(tmp_path)
     changes the arrays without a record: the next background checkpoint copies the live state
     into a new replica; the one after replays again."""
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10,
+                          checkpoint_by="replay")
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=13)
     node.apply_and_append(q[:300], BD)
     node.engine.reserve(node.engine.card_capacity + 1)
@@ -339,7 +345,8 @@ def test_replica_that_answers_differently_writes_no_checkpoint(tmp_path, caplog)
     back) writes no file; the error is logged and kept; the node goes on, and the next
     checkpoint starts a replica from a copy of the live state and is right again."""
     path = str(tmp_path / "node")
-    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10)
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 10,
+                          checkpoint_by="replay")
     genesis_records = node.journal.last_seq
     q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 900, seed=17)
     node.apply_and_append(q[:300], BD)
