@@ -472,9 +472,11 @@ class Node:
             return _write_checkpoint(folder, self.engine.arrays, seq, batch_no, chain_hash)
         seed = None
         if self.settings.checkpoint_by == "copy":
+            t0 = time.perf_counter()
             arrays = self._snapshot()
+            copy_ms = (time.perf_counter() - t0) * 1e3         # the pause on the caller's thread
             self._checkpoint_thread = threading.Thread(
-                target=self._write_copied, args=(folder, arrays, seq, batch_no, chain_hash),
+                target=self._write_copied, args=(folder, arrays, seq, batch_no, chain_hash, copy_ms),
                 name="checkpoint", daemon=True)
             self._checkpoint_thread.start()
             return npz
@@ -526,11 +528,13 @@ class Node:
             raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
             self._snapshot_buffers[name] = buffer
 
-    def _write_copied(self, folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes) -> None:
+    def _write_copied(self, folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes,
+                      copy_ms: float) -> None:
         """The checkpoint thread of a "copy" checkpoint (SCHED_IDLE): the copied arrays to the file."""
         _run_when_idle()
         try:
-            _write_checkpoint(folder, arrays, seq, batch_no, chain_hash, "copied between batches")
+            _write_checkpoint(folder, arrays, seq, batch_no, chain_hash,
+                              f"copied between batches in {copy_ms:.1f} ms")
             self.checkpoint_stats["by_copy"] += 1
             self.checkpoint_error = None
         except Exception as e:
