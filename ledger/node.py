@@ -470,25 +470,21 @@ class Node:
         npz = os.path.join(folder, f"ckpt-{seq:020d}.npz")
         if not background:
             return _write_checkpoint(folder, self.engine.arrays, seq, batch_no, chain_hash)
-        seed = None
         if self.settings.checkpoint_by == "copy":
             t0 = time.perf_counter()
             arrays = self._snapshot()
             copy_ms = (time.perf_counter() - t0) * 1e3         # the pause on the caller's thread
-            self._checkpoint_thread = threading.Thread(
-                target=self._write_copied, args=(folder, arrays, seq, batch_no, chain_hash, copy_ms),
-                name="checkpoint", daemon=True)
-            self._checkpoint_thread.start()
-            return npz
-        if self._replica_shapes != _shapes(self.engine.arrays):
-            # the live arrays grew outside the journal (Engine.reserve, not reserve_cards): a
-            # replay cannot know when, so the replica starts again from a copy of the live state
-            seed = {name: _copy_of(array) for name, array in self.engine.arrays.items()}
-            self._replica = None
-            self._replica_shapes = _shapes(seed)
-        self._checkpoint_thread = threading.Thread(
-            target=self._background_checkpoint, args=(folder, seq, batch_no, chain_hash, seed),
-            name="checkpoint", daemon=True)
+            target, args = self._write_copied, (folder, arrays, seq, batch_no, chain_hash, copy_ms)
+        else:
+            seed = None
+            if self._replica_shapes != _shapes(self.engine.arrays):
+                # the live arrays grew outside the journal (Engine.reserve, not reserve_cards): a
+                # replay cannot know when, so the replica starts again from a copy of the live state
+                seed = {name: _copy_of(array) for name, array in self.engine.arrays.items()}
+                self._replica = None
+                self._replica_shapes = _shapes(seed)
+            target, args = self._background_checkpoint, (folder, seq, batch_no, chain_hash, seed)
+        self._checkpoint_thread = threading.Thread(target=target, args=args, name="checkpoint", daemon=True)
         self._checkpoint_thread.start()
         return npz
 
