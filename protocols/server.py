@@ -431,6 +431,7 @@ class Server:
                 log.info("idle connection closed", extra={"event": "idle_timeout"})
                 c.close()
         self._maybe_cutover()
+        self.node.nudge_checkpoint()           # a checkpoint starved by a saturated core goes on
         self.loop.call_later(min(1.0, partial_s / 4), self._sweep)
 
     def _maybe_cutover(self):

@@ -368,3 +368,58 @@ def test_replica_that_answers_differently_writes_no_checkpoint(tmp_path, caplog)
     assert node.checkpoint_error is None
     assert arrays_bytes(load_npz(good[0])) == good[1]
     node.close()
+
+
+def test_a_starved_checkpoint_thread_is_let_run_at_nice_10():
+    """_run_niced moves a SCHED_IDLE thread (as the checkpoint thread makes itself) back to the
+    normal policy at nice +10: what Node.nudge_checkpoint does to a checkpoint that waited too
+    long for idle time on a saturated core."""
+    import threading
+    from yikatong.ledger.node import _run_niced, _run_when_idle
+    ready, release, seen = threading.Event(), threading.Event(), {}
+
+    def idle_thread():
+        _run_when_idle()
+        ready.set()
+        release.wait(10)
+
+    t = threading.Thread(target=idle_thread)
+    t.start()
+    try:
+        assert ready.wait(10)
+        seen["before"] = os.sched_getscheduler(t.native_id)
+        assert _run_niced(t.native_id)
+        seen["after"] = (os.sched_getscheduler(t.native_id), os.getpriority(os.PRIO_PROCESS, t.native_id))
+    finally:
+        release.set()
+        t.join()
+    assert seen == {"before": os.SCHED_IDLE, "after": (os.SCHED_OTHER, 10)}
+
+
+def test_nudge_escalates_only_a_checkpoint_that_waited_too_long(tmp_path, monkeypatch):
+    """nudge_checkpoint does nothing without a checkpoint running or before the wait is over;
+    past it, it lets the running checkpoint go on at nice +10, once, and the file is right."""
+    import time
+    from yikatong.ledger import node as node_module
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD)   # 2^20 ring: ~250 MB
+    try:
+        node.apply_and_append(medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 300, seed=21), BD)
+        assert node.nudge_checkpoint() is False                      # no checkpoint running
+        at = arrays_bytes(node.engine.arrays)
+        npz = node.checkpoint(background=True)
+        assert node.nudge_checkpoint() is False                      # running, but not waited 10 s
+        monkeypatch.setattr(node_module, "CHECKPOINT_IDLE_WAIT_S", 0.0)
+        tid = node._checkpoint_thread.native_id
+        deadline = time.monotonic() + 10                             # the thread made itself SCHED_IDLE
+        while node.checkpoint_in_progress() and os.sched_getscheduler(tid) != os.SCHED_IDLE:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert node.checkpoint_in_progress()                         # 250 MB are not written that fast
+        assert node.nudge_checkpoint() is True
+        assert node.nudge_checkpoint() is False                      # once per checkpoint
+        node._checkpoint_thread.join()
+        assert node.checkpoint_stats["by_copy"] == 1 and node.checkpoint_error is None
+        assert arrays_bytes(load_npz(npz)) == at
+    finally:
+        node.close()
