@@ -6,6 +6,7 @@ same apply).
     results = node.apply_and_append(requests, business_date=20261124)   # durable on return
     node.close(); node = Node.open(DIR)             # recovered: same arrays, same answers
 """
+import functools
 import glob
 import hashlib
 import json
@@ -26,7 +27,8 @@ from yikatong.engine import Engine
 from yikatong.engine.config import NodeConfig
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
-from .records import KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, RECORD_LAYOUT_VERSION, records_from_batch
+from .records import (KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, journaled_capacity, marker_record,
+                      records_from_batch)
 
 log = logging.getLogger("yikatong.ledger")
 
@@ -128,16 +130,7 @@ class Node:
         new = new_business_date or self.next_day(self.business_date)
         if new <= self.business_date:
             raise LedgerError(f"cutover to {new}: the business date is already {self.business_date}")
-        record = np.zeros(1, dtype=RECORD_DTYPE)
-        record["seq"] = self.journal.last_seq + 1
-        record["layout_version"] = RECORD_LAYOUT_VERSION
-        record["record_kind"] = KIND_CUTOVER
-        record["business_date"] = new
-        try:
-            ticket = self.journal.submit(record, new)
-        except Exception as e:
-            self.failed = str(e)
-            raise
+        ticket = self._submit_marker(KIND_CUTOVER, new)
         log.info("cutover (日切): business date %d → %d at sequence %d", self.business_date, new, self.journal.last_seq)
         self.business_date = new
         return new, ticket
@@ -358,7 +351,7 @@ class Node:
                 if (kinds == KIND_CUTOVER).all():
                     continue                       # a cutover changes no engine state
                 if (kinds == KIND_CAPACITY).all():
-                    engine.reserve(journaled_capacity(rows), exact=True)
+                    engine.reserve(journaled_capacity(np.frombuffer(rows, RECORD_DTYPE)), exact=True)
                     continue
                 bad = engine.replay_rows(rows, size, request_offset, result_offset, business_date=date)
                 if bad >= 0:
@@ -366,6 +359,17 @@ class Node:
                         f"replay diverged at sequence {first + bad}: the engine answered differently from "
                         f"the journal (engine or configuration changed?)")
         return None
+
+    def _submit_marker(self, kind: int, business_date: int, capacity: int = 0) -> int:
+        """One record that is not a command (a cutover, a capacity change: `marker_record`) to
+        the writer, after every batch submitted so far; its ticket. A failed submit stops the
+        node (fail-stop), as for a batch."""
+        try:
+            return self.journal.submit(marker_record(self.journal.last_seq + 1, kind, business_date, capacity),
+                                       business_date)
+        except Exception as e:
+            self.failed = str(e)
+            raise
 
     def reserve_cards(self, card_count: int) -> None:
         """Room for `card_count` cards (Engine.reserve), journaled: a KIND_CAPACITY record with
@@ -379,17 +383,7 @@ class Node:
         if self.failed:
             raise LedgerError(f"the node stopped after a failed commit ({self.failed}); restart it")
         self.engine.reserve(card_count)
-        record = np.zeros(1, dtype=RECORD_DTYPE)
-        record["seq"] = self.journal.last_seq + 1
-        record["layout_version"] = RECORD_LAYOUT_VERSION
-        record["record_kind"] = KIND_CAPACITY
-        record["business_date"] = self.business_date
-        record["request"]["amount_fen"] = self.engine.card_capacity
-        try:
-            ticket = self.journal.submit(record, self.business_date)
-        except Exception as e:
-            self.failed = str(e)
-            raise
+        ticket = self._submit_marker(KIND_CAPACITY, self.business_date, capacity=self.engine.card_capacity)
         if self._replica_shapes is not None:
             # the replica grows when it replays this record: no copy needed for it
             self._replica_shapes = _shapes(self.engine.arrays)
@@ -475,7 +469,7 @@ class Node:
             t0 = time.perf_counter()
             arrays = self._snapshot()
             copy_ms = (time.perf_counter() - t0) * 1e3         # the pause on the caller's thread
-            target, args = self._write_copied, (folder, arrays, seq, batch_no, chain_hash, copy_ms)
+            take = functools.partial(self._copied, arrays, copy_ms)
         else:
             seed = None
             if self._replica_shapes != _shapes(self.engine.arrays):
@@ -484,8 +478,9 @@ class Node:
                 seed = {name: _copy_of(array) for name, array in self.engine.arrays.items()}
                 self._replica = None
                 self._replica_shapes = _shapes(seed)
-            target, args = self._background_checkpoint, (folder, seq, batch_no, chain_hash, seed)
-        self._checkpoint_thread = threading.Thread(target=target, args=args, name="checkpoint", daemon=True)
+            take = functools.partial(self._replica_at, batch_no, seed)
+        self._checkpoint_thread = threading.Thread(target=self._background_checkpoint, name="checkpoint", daemon=True,
+                                                   args=(folder, seq, batch_no, chain_hash, take))
         self._checkpoint_started_at = time.monotonic()
         self._checkpoint_thread.start()
         return npz
@@ -542,49 +537,43 @@ class Node:
             raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
             self._snapshot_buffers[name] = buffer
 
-    def _write_copied(self, folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes,
-                      copy_ms: float) -> None:
-        """The checkpoint thread of a "copy" checkpoint (SCHED_IDLE): the copied arrays to the file."""
-        _run_when_idle()
-        try:
-            _write_checkpoint(folder, arrays, seq, batch_no, chain_hash,
-                              f"copied between batches in {copy_ms:.1f} ms")
-            self.checkpoint_stats["by_copy"] += 1
-            self.checkpoint_error = None
-        except Exception as e:
-            self.checkpoint_stats["failed"] += 1
-            self.checkpoint_error = f"checkpoint at sequence {seq} not written: {e}"
-            log.error("%s. The node goes on serving (the journal holds everything). Remedy: check the data "
-                      "directory's disk", self.checkpoint_error)
-
     def _background_checkpoint(self, folder: str, seq: int, batch_no: int, chain_hash: bytes,
-                               seed: dict | None) -> None:
-        """The checkpoint thread (SCHED_IDLE): replica to `batch_no`, then its arrays to the file.
-        A replica that answers differently from the journal (an engine or configuration change:
-        recovery from this journal would refuse the same batch) writes no checkpoint; the error
-        is logged and kept in `checkpoint_error`, and the next checkpoint seeds a new replica
-        from a copy of the live arrays."""
+                               take) -> None:
+        """The checkpoint thread (SCHED_IDLE): `take()` gives (arrays, how the log line says they
+        were made) — the copy made between batches, or the replica brought to `batch_no` —
+        then the arrays go to the file. A failure (a replica that answers differently from the
+        journal: an engine or configuration change recovery would refuse too; the disk) writes
+        no checkpoint; the error is logged and kept in `checkpoint_error`, and in replay mode the
+        next checkpoint seeds a new replica from a copy of the live arrays."""
         _run_when_idle()
         try:
-            t0 = time.perf_counter()
-            if seed is not None:
-                self._replica, self._replica_batch_no = Engine(self.settings.config, arrays=seed), batch_no
-                self.checkpoint_stats["by_copy"] += 1
-                how = "the replica re-seeded from a copy of the live arrays"
-            else:
-                replayed = self._advance_replica(batch_no)
-                self.checkpoint_stats["by_replay"] += 1
-                how = f"{replayed:,} records replayed into the replica in {time.perf_counter() - t0:.2f} s"
-            _write_checkpoint(folder, self._replica.arrays, seq, batch_no, chain_hash, how)
+            arrays, how = take()
+            _write_checkpoint(folder, arrays, seq, batch_no, chain_hash, how)
             self.checkpoint_error = None
         except Exception as e:
             self._replica = None
-            self._replica_shapes = None            # the next checkpoint seeds a replica by a copy
+            self._replica_shapes = None            # replay mode: the next checkpoint seeds by a copy
             self.checkpoint_stats["failed"] += 1
             self.checkpoint_error = f"checkpoint at sequence {seq} not written: {e}"
             log.error("%s. The node goes on serving (the journal holds everything); the next checkpoint "
-                      "starts a new replica from the live state. Remedy if it repeats: run `yikatong verify --data %s`",
-                      self.checkpoint_error, self.data_dir)
+                      "starts again. Remedy if it repeats: check the data directory's disk and run "
+                      "`yikatong verify --data %s`", self.checkpoint_error, self.data_dir)
+
+    def _copied(self, arrays: dict, copy_ms: float) -> tuple[dict, str]:
+        self.checkpoint_stats["by_copy"] += 1
+        return arrays, f"copied between batches in {copy_ms:.1f} ms"
+
+    def _replica_at(self, batch_no: int, seed: dict | None) -> tuple[dict, str]:
+        """The replica's arrays at `batch_no`: re-seeded from `seed` (a copy of the live arrays),
+        or the committed batches since its last checkpoint replayed into it."""
+        t0 = time.perf_counter()
+        if seed is not None:
+            self._replica, self._replica_batch_no = Engine(self.settings.config, arrays=seed), batch_no
+            self.checkpoint_stats["by_copy"] += 1
+            return self._replica.arrays, "the replica re-seeded from a copy of the live arrays"
+        replayed = self._advance_replica(batch_no)
+        self.checkpoint_stats["by_replay"] += 1
+        return self._replica.arrays, f"{replayed:,} records replayed into the replica in {time.perf_counter() - t0:.2f} s"
 
     def _advance_replica(self, batch_no: int) -> int:
         """Replay the committed batches after the replica's up to `batch_no` into it; the replica
@@ -650,11 +639,6 @@ def _run_when_idle() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):
         pass                                       # not Linux, or not permitted: same priority
-
-
-def journaled_capacity(rows) -> int:
-    """The capacity a KIND_CAPACITY batch (raw record bytes) grew the card columns to."""
-    return int(np.frombuffer(rows, RECORD_DTYPE)["request"]["amount_fen"].max())
 
 
 def _shapes(arrays: dict) -> dict:

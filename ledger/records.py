@@ -90,3 +90,20 @@ def sanitize_requests(requests: np.ndarray, results: np.ndarray) -> None:
     drop = (requests["pin_pvv"] != 0) & (cmd != 32) & (cmd != 38)
     if drop.any():
         requests["pin_pvv"] = np.where(drop, 0, requests["pin_pvv"])
+
+
+def marker_record(seq: int, kind: int, business_date: int, capacity: int = 0) -> np.ndarray:
+    """A journal record that is not a command: a cutover (KIND_CUTOVER, at the new business date)
+    or a capacity change (KIND_CAPACITY, the new capacity in request.amount_fen)."""
+    record = np.zeros(1, dtype=RECORD_DTYPE)
+    record["seq"] = seq
+    record["layout_version"] = RECORD_LAYOUT_VERSION
+    record["record_kind"] = kind
+    record["business_date"] = business_date
+    record["request"]["amount_fen"] = capacity
+    return record
+
+
+def journaled_capacity(records: np.ndarray) -> int:
+    """The capacity a KIND_CAPACITY batch grew the card columns to."""
+    return int(records["request"]["amount_fen"].max())

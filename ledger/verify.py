@@ -10,7 +10,7 @@ from yikatong.engine import Engine, Cmd, ResFlag
 
 from .journal import CorruptLedgerError, Journal
 from .node import Node, NodeSettings, check_batch, load_checkpoint_arrays
-from .records import KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE
+from .records import KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, journaled_capacity
 
 
 class VerifyError(Exception):
@@ -82,7 +82,7 @@ def verify(data_dir: str) -> dict:
                 cutovers += 1                      # 日切: no engine state changes
             elif (kinds == KIND_CAPACITY).all():
                 # the card columns grew here (Node.reserve_cards): grow the replay's alike
-                engine.reserve(int(records["request"]["amount_fen"].max()), exact=True)
+                engine.reserve(journaled_capacity(records), exact=True)
                 capacity_changes += 1
             else:
                 replay_commands(engine, records, res, first, bd, money_by_date)
