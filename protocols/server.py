@@ -11,10 +11,10 @@ replies wait for its own ack (a reply never leaves before its batch is durable).
 peer can grow is bounded by protocols.limits.Limits; back-pressure stops reading.
 """
 import asyncio
-import gc
 import bisect
 import collections
 import datetime
+import gc
 import json
 import logging
 import os
@@ -135,7 +135,8 @@ class Metrics:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         if checkpoints is not None:
             lines += ["# HELP yikatong_checkpoints_total Background checkpoints, by how the arrays were made "
-                      "(replay: the replica replayed the journal; copy: re-seeded from the live arrays) or failed.",
+                      "(copy: the live arrays copied between batches, or the replica re-seeded from them; replay: the "
+                      "replica replayed the journal) or failed.",
                       "# TYPE yikatong_checkpoints_total counter"]
             lines += [f'yikatong_checkpoints_total{{how="{how}"}} {checkpoints[key]}'
                       for how, key in (("replay", "by_replay"), ("copy", "by_copy"), ("failed", "failed"))]
