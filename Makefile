@@ -11,13 +11,15 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 # Reinstall when any source the build reads changes.
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard cli/*.pyx engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd ledger/*.h protocols/*.pyx protocols/*.pxd protocols/*.h)
+SOURCES := setup.py pyproject.toml requirements-dev.txt tools/pgo_build.py $(wildcard cli/*.pyx engine/*.pyx engine/*.pxd ledger/*.pyx ledger/*.pxd ledger/*.h protocols/*.pyx protocols/*.pxd protocols/*.h)
 # The build runs without isolation so that the extensions compile against the numpy the venv
 # runs (one ABI); its build requirements (pyproject.toml) are therefore installed first.
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install -q "setuptools>=68" wheel "Cython>=3.0,<4" "numpy>=1.26"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
+	@# the engine's core again, profile-guided (tools/pgo_build.py; skipped for a debug build)
+	if [ -z "$$YIKATONG_DEBUG" ] || [ "$$YIKATONG_DEBUG" = 0 ]; then $(PY) tools/pgo_build.py; fi
 	touch $(STAMP)
 
 build: $(STAMP)

@@ -6,6 +6,12 @@ so that nothing with a generic name lands in site-packages.
 Environment:
   YIKATONG_DEBUG=1   debug build: bounds and wraparound checks, assertions kept, line tracing,
                      -O0 -g. The default build is the fast one (-O3, checks off in the hot loops).
+  YIKATONG_PGO=generate|use
+                     profile-guided build of the engine's core only (tools/pgo_build.py runs
+                     both stages and the training between them; `make build` calls it):
+                     `generate` instruments yikatong.engine._core, `use` compiles it with the
+                     profile the training wrote to build/pgo. Other extensions are left out of
+                     these two builds (they keep the plain build's .so).
 """
 import os
 import sysconfig
@@ -17,6 +23,11 @@ from setuptools import Extension, setup
 
 HERE = pathlib.Path(__file__).parent
 DEBUG = os.environ.get("YIKATONG_DEBUG", "") not in ("", "0")
+PGO = os.environ.get("YIKATONG_PGO", "")
+PGO_MODULE = "yikatong.engine._core"
+PGO_DIR = HERE / "build" / "pgo"
+if PGO not in ("", "generate", "use") or (PGO and DEBUG):
+    raise SystemExit(f"YIKATONG_PGO={PGO!r}: expected 'generate' or 'use', and no YIKATONG_DEBUG")
 
 # folder → package it is installed as (a part not written yet is skipped)
 PACKAGES = {
@@ -63,13 +74,28 @@ def extensions():
                              "-mmemcpy-strategy=vector_loop:512:noalign,libcall:-1:noalign"]
     for package, folder in PACKAGES.items():
         for pyx in sorted((HERE / folder).glob("*.pyx")):
+            name = f"{package}.{pyx.stem}"
+            extra_args, link_args = [], []
+            if PGO:
+                if name != PGO_MODULE:
+                    continue
+                # The profile is found by the object file's absolute path (gcc mangles it into
+                # the .gcda name under PGO_DIR): both stages build in the same build/temp.* tree.
+                # A profile that does not match the source (edited since) is an error, not a
+                # silent plain build: tools/pgo_build.py trains again instead.
+                extra_args = ([f"-fprofile-generate={PGO_DIR}", "-fprofile-update=single"]
+                              if PGO == "generate" else
+                              [f"-fprofile-use={PGO_DIR}", "-Werror=missing-profile",
+                               "-Werror=coverage-mismatch"])
+                link_args = [f"-fprofile-generate={PGO_DIR}"] if PGO == "generate" else []
             exts.append(
                 Extension(
-                    f"{package}.{pyx.stem}",
+                    name,
                     [str(pyx.relative_to(HERE))],
                     include_dirs=[numpy.get_include(), str(HERE / folder)],
                     define_macros=macros,
-                    extra_compile_args=compile_args,
+                    extra_compile_args=compile_args + extra_args,
+                    extra_link_args=link_args,
                     libraries=[line.split(":", 1)[1].strip()
                                for line in pyx.read_text().splitlines()[:20]
                                if line.startswith("# link:")],
