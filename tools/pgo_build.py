@@ -5,8 +5,9 @@ the plain install.
     .venv/bin/python tools/pgo_build.py --train    # the training run alone (an instrumented core)
 
 Why: gcc with a profile lays the settlement path out straight and keeps the rare answers out of
-it, which hand-written hints did not match (bench/README.md, "Profile-guided build"): 539 → 487
-instructions per settlement and ~7 % more settlements per second on this machine.
+it, which hand-written hints did not match (bench/README.md, "Profile-guided build"): 539 → 474
+instructions per settlement (callgrind) and 0–9 % more settlements per second (CPU time,
+interleaved runs) on this machine.
 
 The training is the traffic a node serves, in proportion: medical settlements (就医结算) by
 generated cards, most of them posting, some declined for funds, on a transaction table small
