@@ -12,6 +12,8 @@ cimport cython
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
 from libc.string cimport memcmp, memset, memcpy
 
+import threading
+
 import numpy as np
 cimport numpy as cnp
 
@@ -407,6 +409,48 @@ cdef inline Txn* txn_by_rrn(State* s, uint64_t rrn) noexcept nogil:
     return t if t.rrn == rrn else NULL
 
 
+cdef void ring_preimage(State* s, const Txn* t) noexcept nogil:
+    """Called before an entry already in the ring is changed in place (void, refund, cancel,
+    reversal: never on the settlement fast path). While a checkpoint copies the ring and has not
+    reached this entry yet, its current bytes go to the snapshot's log, to be put back into the
+    copy (Core.ring_snapshot_end). Entries written since the snapshot's point were copied before
+    they were overwritten (Core.ring_snapshot_ahead), so they need nothing."""
+    cdef uint64_t pos
+    if not s.snap_active:
+        return
+    pos = <uint64_t>(t - s.txns)
+    if ((pos - s.snap_base_rrn) & s.txn_mask) < s.snap_copied:
+        return
+    if s.snap_log_count >= s.snap_log_capacity:
+        s.snap_overflow = 1
+        return
+    memcpy(&s.snap_log[s.snap_log_count], t, sizeof(Txn))
+    s.snap_log_pos[s.snap_log_count] = <int32_t>pos
+    s.snap_log_count += 1
+
+
+cdef void ring_copy_to(State* s, uint64_t upto) noexcept nogil:
+    """Copy the snapshot's ring entries up to offset `upto` (capped at the ring's size)."""
+    cdef uint64_t size = s.txn_mask + 1
+    cdef uint64_t pos, run
+    if upto > size:
+        upto = size
+    while s.snap_copied < upto:
+        pos = (s.snap_base_rrn + s.snap_copied) & s.txn_mask
+        run = upto - s.snap_copied
+        if run > size - pos:
+            run = size - pos                 # up to the ring's end, then from its start
+        memcpy(&s.snap_dst[pos], &s.txns[pos], run * sizeof(Txn))
+        s.snap_copied += run
+
+
+cdef inline void ring_snapshot_ahead(State* s, uint64_t rows) noexcept nogil:
+    """Before `rows` messages are applied during a snapshot: every ring entry they may
+    overwrite (or free: txn_make_room) copied first — at most one new RRN per message."""
+    if s.snap_active:
+        ring_copy_to(s, s.counters[0] + 1 - s.snap_base_rrn + rows)
+
+
 cdef inline bint approved(uint16_t code) noexcept nogil:
     return code == RC_00 or code == RC_10
 
@@ -568,6 +612,7 @@ cdef uint16_t cmd_undo(State* s, const Request* q, Result* r, int32_t slot, uint
         return RC_25
     if not approved(o.code) or o.state != TXN_OPEN:
         return RC_12
+    ring_preimage(s, o)
     if q.cmd == CMD_REFUND:
         if q.amount_fen > o.amount_fen - o.refunded_fen:
             return RC_64
@@ -621,6 +666,7 @@ cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) n
         return RC_00
     if q.pan_hash != 0 and o.card_slot >= 0 and s.cards[o.card_slot].pan_hash != q.pan_hash:
         return RC_25
+    ring_preimage(s, o)
     r.cmd = CMD_REVERSAL
     r.acc_group = o.acc_group
     if not approved(o.code):
@@ -679,6 +725,7 @@ cdef uint16_t cmd_reversal(State* s, const Request* q, Result* r, uint32_t bd) n
                 r.aid_leg_fen = inner.aid_leg_fen
                 r.fin_leg_fen = inner.fin_leg_fen
                 r.cash_fen = inner.cash_fen
+            ring_preimage(s, inner)
             inner.state = TXN_OPEN
     o.state = TXN_REVERSED
     r.amount_fen = o.amount_fen
@@ -1733,16 +1780,39 @@ cdef class Core:
     cdef readonly dict arrays
     cdef object _keepalive
     cdef bint _fast_settle
+    cdef object _snap_keep          # the snapshot's numpy arrays (copy, log, positions)
+    cdef readonly object snapshot_lock   # serialises batches and a checkpoint thread's ring copy
 
     def __init__(self, dict arrays):
         self._fast_settle = True
+        self.snapshot_lock = threading.Lock()
         self.bind(arrays)
 
     def bind(self, dict arrays):
         a = arrays
+        cdef State saved
+        cdef bint snapping = self.s.snap_active
+        if snapping:
+            # a ring snapshot outlives a rebind (card growth replaces the card columns, not the
+            # ring): its copy is finished now, against the ring it started on
+            with self.snapshot_lock:
+                ring_copy_to(&self.s, self.s.txn_mask + 1)
+                saved = self.s
+            if a["txns"] is not self.arrays["txns"]:
+                saved.snap_overflow = 1          # another ring: that snapshot cannot be exact
         self.arrays = a
         cdef cnp.ndarray meta = a["meta"]
         memset(&self.s, 0, sizeof(State))
+        if snapping:
+            self.s.snap_active = 1
+            self.s.snap_overflow = saved.snap_overflow
+            self.s.snap_base_rrn = saved.snap_base_rrn
+            self.s.snap_copied = saved.snap_copied
+            self.s.snap_dst = saved.snap_dst
+            self.s.snap_log = saved.snap_log
+            self.s.snap_log_pos = saved.snap_log_pos
+            self.s.snap_log_count = saved.snap_log_count
+            self.s.snap_log_capacity = saved.snap_log_capacity
         self.s.card_count = a["meta"][2]
         self.s.card_capacity = a["cards"].shape[0]
         if cnp.PyArray_DATA(a["cards"]) == NULL or (<size_t>cnp.PyArray_DATA(a["cards"])) % 64 != 0:
@@ -1812,8 +1882,14 @@ cdef class Core:
         cdef const Request* q = <const Request*>cnp.PyArray_DATA(requests)
         cdef Result* r = <Result*>cnp.PyArray_DATA(results)
         cdef int approved_count
-        with nogil:
-            approved_count = apply_rows(&self.s, q, r, n, business_date)
+        if self.s.snap_active:
+            with self.snapshot_lock:
+                with nogil:
+                    ring_snapshot_ahead(&self.s, <uint64_t>n)
+                    approved_count = apply_rows(&self.s, q, r, n, business_date)
+        else:
+            with nogil:
+                approved_count = apply_rows(&self.s, q, r, n, business_date)
         self.arrays["meta"][2] = self.s.card_count
         return approved_count
 
@@ -1831,10 +1907,78 @@ cdef class Core:
         cdef const char* base = <const char*>&rows[0]
         assert (<size_t>base + <size_t>request_offset) % 8 == 0 and row_size_bytes % 8 == 0, "unaligned rows"
         cdef Py_ssize_t bad
-        with nogil:
-            bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
+        if self.s.snap_active:
+            with self.snapshot_lock:
+                with nogil:
+                    ring_snapshot_ahead(&self.s, <uint64_t>n)
+                    bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
+        else:
+            with nogil:
+                bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
         self.arrays["meta"][2] = self.s.card_count
         return bad
+
+    # ---- a checkpoint's copy of the ring, spread over batches ------------------------------
+    def ring_snapshot_begin(self, cnp.ndarray copy not None, cnp.ndarray log not None,
+                            cnp.ndarray log_positions not None):
+        """Start copying the ring as it is now into `copy` (an array like arrays["txns"]),
+        without copying it now: each batch copies the entries it may overwrite first, and
+        `ring_snapshot_copy` (a checkpoint thread) the rest. Entries changed in place before the
+        copy reaches them log their bytes into `log` / `log_positions` (as many as they hold;
+        more: the snapshot is marked inexact). Call between batches."""
+        ring = self.arrays["txns"]
+        assert not self.s.snap_active, "a ring snapshot is in progress"
+        assert copy.dtype == ring.dtype and copy.shape[0] == ring.shape[0] and copy.flags.c_contiguous
+        assert log.dtype == ring.dtype and log.ndim == 1 and log.flags.c_contiguous
+        assert log_positions.dtype == np.int32 and log_positions.shape[0] == log.shape[0] \
+            and log_positions.flags.c_contiguous
+        self._snap_keep = (copy, log, log_positions)
+        with self.snapshot_lock:
+            self.s.snap_dst = <Txn*>cnp.PyArray_DATA(copy)
+            self.s.snap_log = <Txn*>cnp.PyArray_DATA(log)
+            self.s.snap_log_pos = <int32_t*>cnp.PyArray_DATA(log_positions)
+            self.s.snap_log_capacity = log.shape[0]
+            self.s.snap_log_count = 0
+            self.s.snap_overflow = 0
+            self.s.snap_base_rrn = self.s.counters[0] + 1
+            self.s.snap_copied = 0
+            self.s.snap_active = 1
+
+    def ring_snapshot_copy(self, Py_ssize_t entries):
+        """Copy up to `entries` more of the snapshot's ring (the GIL released, batches held off
+        meanwhile); True once the whole ring is copied."""
+        cdef uint64_t upto
+        assert self.s.snap_active and entries > 0
+        with self.snapshot_lock:
+            upto = self.s.snap_copied + <uint64_t>entries
+            with nogil:
+                ring_copy_to(&self.s, upto)
+            return self.s.snap_copied == self.s.txn_mask + 1
+
+    def ring_snapshot_end(self):
+        """Finish (the rest copied) and stop the snapshot; returns (the number of logged
+        entries, exact) with the copy patched: each logged position gets its first logged bytes."""
+        assert self.s.snap_active
+        with self.snapshot_lock:
+            with nogil:
+                ring_copy_to(&self.s, self.s.txn_mask + 1)
+            self.s.snap_active = 0
+            count, exact = self.s.snap_log_count, not self.s.snap_overflow
+            self.s.snap_dst = NULL
+            self.s.snap_log = NULL
+            self.s.snap_log_pos = NULL
+        copy, log, positions = self._snap_keep
+        self._snap_keep = None
+        if count:
+            # the first logged bytes of a position are the ones it had at the snapshot's point
+            first = np.unique(positions[:count], return_index=True)
+            width = copy.dtype.itemsize
+            copy.view(np.uint8).reshape(-1, width)[first[0]] = log.view(np.uint8).reshape(-1, width)[first[1]]
+        return count, exact
+
+    @property
+    def ring_snapshot_active(self):
+        return bool(self.s.snap_active)
 
     @property
     def card_count(self):
