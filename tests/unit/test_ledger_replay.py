@@ -280,6 +280,39 @@ def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path, checkpoint
     assert_recovers_from_checkpoint(path, live)
 
 
+def test_a_ring_copy_whose_log_overflows_fails_that_checkpoint_only(tmp_path, monkeypatch, caplog):
+    """More in-place changes to older ring entries than the log holds, before the checkpoint
+    thread copies the ring: that checkpoint is not written (failed, with its reason), the node
+    goes on, and the next checkpoint is taken and recovers exactly."""
+    monkeypatch.setattr(node_module, "RING_SNAPSHOT_LOG_ENTRIES", 4)
+    path = str(tmp_path / "node")
+    node = init_demo_node(path, 100, checkpoint_every_records=1 << 40, business_date=BD, txn_retention_count=1 << 9)
+    q = medical_settlements(node.engine, generated_pan_hashes(KEYS, 100), 400, seed=7)
+    node.apply_and_append(q[:300], BD)
+    gate = threading.Event()
+    monkeypatch.setattr(node_module, "_run_when_idle", gate.wait)
+    npz = node.checkpoint(background=True)
+    reversals = q[200:210].copy()                  # ten originals from before the checkpoint
+    reversals["cmd"] = Cmd.REVERSAL
+    reversals["idem_key"] ^= np.uint64(0x4000)
+    reversals["content_hash"] = reversals["idem_key"]
+    assert (node.apply_and_append(reversals, BD)["code"] == 0x3030).all()
+    gate.set()
+    node._checkpoint_thread.join()
+    assert node.checkpoint_stats["failed"] == 1 and node.checkpoint_stats["by_copy"] == 0
+    assert "more than 4 older transaction entries changed in place" in node.checkpoint_error
+    assert not os.path.exists(npz) and not os.path.exists(npz[:-4] + ".json")
+    assert not node.engine.core.ring_snapshot_active
+    node.apply_and_append(q[300:], BD)
+    npz = node.checkpoint(background=True)         # the thread is not held: nothing to log
+    node._checkpoint_thread.join()
+    assert os.path.exists(npz[:-4] + ".json") and node.checkpoint_error is None
+    assert node.checkpoint_stats["by_copy"] == 1
+    live = arrays_bytes(node.engine.arrays)
+    node.close()
+    assert_recovers_from_checkpoint(path, live)
+
+
 def arrays_bytes(arrays: dict) -> dict:
     return {name: a.tobytes() for name, a in arrays.items()}
 
