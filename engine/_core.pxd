@@ -283,6 +283,21 @@ ctypedef struct CardSide:
 cdef enum:
     PAN_STRIDE = 8                 # uint64 words from one card's pan_hash to the next
 
+# A checkpoint copying the ring over several batches (Core.ring_snapshot_*): the ring as it was
+# just before base_rrn is copied in the order the ring overwrites it, offsets (from base_rrn's
+# position) below `copied` done. An older entry changed in place before the copy reaches it
+# logs its bytes first (ring_preimage); the first log of a position wins.
+ctypedef struct RingSnapshot:
+    uint8_t active
+    uint8_t overflow               # the log was full: this snapshot is not exact (the caller fails it)
+    uint64_t base_rrn              # the first RRN given after the snapshot's point
+    uint64_t copied                # ring entries copied, in overwrite order
+    Txn* dst                       # the copy, indexed as the ring
+    Txn* log                       # prior bytes of entries changed in place before being copied
+    int32_t* log_pos               # their ring positions
+    int64_t log_count
+    int64_t log_capacity
+
 # Raw pointers into the engine's numpy arrays, refreshed before each batch.
 ctypedef struct State:
     # cards: one slot each
@@ -335,19 +350,8 @@ ctypedef struct State:
     uint8_t fast_settle
     uint8_t bands_sorted
     uint64_t fast_rows             # settlements settle_row answered itself since the last bind (tests)
-    # A checkpoint copying the ring over several batches (Core.ring_snapshot_*): the ring as it
-    # was at snap_base_rrn - 1 is copied in the order the ring overwrites it, offsets (from
-    # snap_base_rrn's position) below snap_copied done. An older entry changed in place before
-    # the copy reaches it logs its bytes first (ring_preimage); the first log of a position wins.
-    uint8_t snap_active
-    uint8_t snap_overflow          # the log was full: this snapshot is not exact (the caller fails it)
-    uint64_t snap_base_rrn         # the first RRN given after the snapshot's point
-    uint64_t snap_copied           # ring entries copied, in overwrite order
-    Txn* snap_dst                  # the copy, indexed as the ring
-    Txn* snap_log                  # prior bytes of entries changed in place before being copied
-    int32_t* snap_log_pos          # their ring positions
-    int64_t snap_log_count
-    int64_t snap_log_capacity
+    # a checkpoint's copy of the ring over several batches (Core.ring_snapshot_*)
+    RingSnapshot snap
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     # splitmix64 finaliser. Index keys are keyed hashes already (SipHash of the PAN, of the

@@ -416,17 +416,17 @@ cdef void ring_preimage(State* s, const Txn* t) noexcept nogil:
     copy (Core.ring_snapshot_end). Entries written since the snapshot's point were copied before
     they were overwritten (Core.ring_snapshot_ahead), so they need nothing."""
     cdef uint64_t pos
-    if not s.snap_active:
+    if not s.snap.active:
         return
     pos = <uint64_t>(t - s.txns)
-    if ((pos - s.snap_base_rrn) & s.txn_mask) < s.snap_copied:
+    if ((pos - s.snap.base_rrn) & s.txn_mask) < s.snap.copied:
         return
-    if s.snap_log_count >= s.snap_log_capacity:
-        s.snap_overflow = 1
+    if s.snap.log_count >= s.snap.log_capacity:
+        s.snap.overflow = 1
         return
-    memcpy(&s.snap_log[s.snap_log_count], t, sizeof(Txn))
-    s.snap_log_pos[s.snap_log_count] = <int32_t>pos
-    s.snap_log_count += 1
+    memcpy(&s.snap.log[s.snap.log_count], t, sizeof(Txn))
+    s.snap.log_pos[s.snap.log_count] = <int32_t>pos
+    s.snap.log_count += 1
 
 
 cdef void ring_copy_to(State* s, uint64_t upto) noexcept nogil:
@@ -435,20 +435,20 @@ cdef void ring_copy_to(State* s, uint64_t upto) noexcept nogil:
     cdef uint64_t pos, run
     if upto > size:
         upto = size
-    while s.snap_copied < upto:
-        pos = (s.snap_base_rrn + s.snap_copied) & s.txn_mask
-        run = upto - s.snap_copied
+    while s.snap.copied < upto:
+        pos = (s.snap.base_rrn + s.snap.copied) & s.txn_mask
+        run = upto - s.snap.copied
         if run > size - pos:
             run = size - pos                 # up to the ring's end, then from its start
-        memcpy(&s.snap_dst[pos], &s.txns[pos], run * sizeof(Txn))
-        s.snap_copied += run
+        memcpy(&s.snap.dst[pos], &s.txns[pos], run * sizeof(Txn))
+        s.snap.copied += run
 
 
 cdef inline void ring_snapshot_ahead(State* s, uint64_t rows) noexcept nogil:
     """Before `rows` messages are applied during a snapshot: every ring entry they may
     overwrite (or free: txn_make_room) copied first — at most one new RRN per message."""
-    if s.snap_active:
-        ring_copy_to(s, s.counters[0] + 1 - s.snap_base_rrn + rows)
+    if s.snap.active:
+        ring_copy_to(s, s.counters[0] + 1 - s.snap.base_rrn + rows)
 
 
 cdef inline bint approved(uint16_t code) noexcept nogil:
@@ -1790,29 +1790,19 @@ cdef class Core:
 
     def bind(self, dict arrays):
         a = arrays
-        cdef State saved
-        cdef bint snapping = self.s.snap_active
-        if snapping:
+        cdef RingSnapshot snap = self.s.snap
+        if snap.active:
             # a ring snapshot outlives a rebind (card growth replaces the card columns, not the
             # ring): its copy is finished now, against the ring it started on
             with self.snapshot_lock:
                 ring_copy_to(&self.s, self.s.txn_mask + 1)
-                saved = self.s
+                snap = self.s.snap
             if a["txns"] is not self.arrays["txns"]:
-                saved.snap_overflow = 1          # another ring: that snapshot cannot be exact
+                snap.overflow = 1                # another ring: that snapshot cannot be exact
         self.arrays = a
         cdef cnp.ndarray meta = a["meta"]
         memset(&self.s, 0, sizeof(State))
-        if snapping:
-            self.s.snap_active = 1
-            self.s.snap_overflow = saved.snap_overflow
-            self.s.snap_base_rrn = saved.snap_base_rrn
-            self.s.snap_copied = saved.snap_copied
-            self.s.snap_dst = saved.snap_dst
-            self.s.snap_log = saved.snap_log
-            self.s.snap_log_pos = saved.snap_log_pos
-            self.s.snap_log_count = saved.snap_log_count
-            self.s.snap_log_capacity = saved.snap_log_capacity
+        self.s.snap = snap
         self.s.card_count = a["meta"][2]
         self.s.card_capacity = a["cards"].shape[0]
         if cnp.PyArray_DATA(a["cards"]) == NULL or (<size_t>cnp.PyArray_DATA(a["cards"])) % 64 != 0:
@@ -1882,13 +1872,9 @@ cdef class Core:
         cdef const Request* q = <const Request*>cnp.PyArray_DATA(requests)
         cdef Result* r = <Result*>cnp.PyArray_DATA(results)
         cdef int approved_count
-        if self.s.snap_active:
-            with self.snapshot_lock:
-                with nogil:
-                    ring_snapshot_ahead(&self.s, <uint64_t>n)
-                    approved_count = apply_rows(&self.s, q, r, n, business_date)
-        else:
+        with self.snapshot_lock:                   # free unless a checkpoint thread copies the ring
             with nogil:
+                ring_snapshot_ahead(&self.s, <uint64_t>n)
                 approved_count = apply_rows(&self.s, q, r, n, business_date)
         self.arrays["meta"][2] = self.s.card_count
         return approved_count
@@ -1907,13 +1893,9 @@ cdef class Core:
         cdef const char* base = <const char*>&rows[0]
         assert (<size_t>base + <size_t>request_offset) % 8 == 0 and row_size_bytes % 8 == 0, "unaligned rows"
         cdef Py_ssize_t bad
-        if self.s.snap_active:
-            with self.snapshot_lock:
-                with nogil:
-                    ring_snapshot_ahead(&self.s, <uint64_t>n)
-                    bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
-        else:
+        with self.snapshot_lock:
             with nogil:
+                ring_snapshot_ahead(&self.s, <uint64_t>n)
                 bad = replay_rows(&self.s, base, row_size_bytes, request_offset, result_offset, n, business_date)
         self.arrays["meta"][2] = self.s.card_count
         return bad
@@ -1927,46 +1909,43 @@ cdef class Core:
         copy reaches them log their bytes into `log` / `log_positions` (as many as they hold;
         more: the snapshot is marked inexact). Call between batches."""
         ring = self.arrays["txns"]
-        assert not self.s.snap_active, "a ring snapshot is in progress"
+        assert not self.s.snap.active, "a ring snapshot is in progress"
         assert copy.dtype == ring.dtype and copy.shape[0] == ring.shape[0] and copy.flags.c_contiguous
         assert log.dtype == ring.dtype and log.ndim == 1 and log.flags.c_contiguous
         assert log_positions.dtype == np.int32 and log_positions.shape[0] == log.shape[0] \
             and log_positions.flags.c_contiguous
         self._snap_keep = (copy, log, log_positions)
         with self.snapshot_lock:
-            self.s.snap_dst = <Txn*>cnp.PyArray_DATA(copy)
-            self.s.snap_log = <Txn*>cnp.PyArray_DATA(log)
-            self.s.snap_log_pos = <int32_t*>cnp.PyArray_DATA(log_positions)
-            self.s.snap_log_capacity = log.shape[0]
-            self.s.snap_log_count = 0
-            self.s.snap_overflow = 0
-            self.s.snap_base_rrn = self.s.counters[0] + 1
-            self.s.snap_copied = 0
-            self.s.snap_active = 1
+            self.s.snap.dst = <Txn*>cnp.PyArray_DATA(copy)
+            self.s.snap.log = <Txn*>cnp.PyArray_DATA(log)
+            self.s.snap.log_pos = <int32_t*>cnp.PyArray_DATA(log_positions)
+            self.s.snap.log_capacity = log.shape[0]
+            self.s.snap.log_count = 0
+            self.s.snap.overflow = 0
+            self.s.snap.base_rrn = self.s.counters[0] + 1
+            self.s.snap.copied = 0
+            self.s.snap.active = 1
 
     def ring_snapshot_copy(self, Py_ssize_t entries):
         """Copy up to `entries` more of the snapshot's ring (the GIL released, batches held off
         meanwhile); True once the whole ring is copied."""
         cdef uint64_t upto
-        assert self.s.snap_active and entries > 0
+        assert self.s.snap.active and entries > 0
         with self.snapshot_lock:
-            upto = self.s.snap_copied + <uint64_t>entries
+            upto = self.s.snap.copied + <uint64_t>entries
             with nogil:
                 ring_copy_to(&self.s, upto)
-            return self.s.snap_copied == self.s.txn_mask + 1
+            return self.s.snap.copied == self.s.txn_mask + 1
 
     def ring_snapshot_end(self):
         """Finish (the rest copied) and stop the snapshot; returns (the number of logged
         entries, exact) with the copy patched: each logged position gets its first logged bytes."""
-        assert self.s.snap_active
+        assert self.s.snap.active
         with self.snapshot_lock:
             with nogil:
                 ring_copy_to(&self.s, self.s.txn_mask + 1)
-            self.s.snap_active = 0
-            count, exact = self.s.snap_log_count, not self.s.snap_overflow
-            self.s.snap_dst = NULL
-            self.s.snap_log = NULL
-            self.s.snap_log_pos = NULL
+            count, exact = self.s.snap.log_count, not self.s.snap.overflow
+            memset(&self.s.snap, 0, sizeof(RingSnapshot))
         copy, log, positions = self._snap_keep
         self._snap_keep = None
         if count:
@@ -1978,7 +1957,7 @@ cdef class Core:
 
     @property
     def ring_snapshot_active(self):
-        return bool(self.s.snap_active)
+        return bool(self.s.snap.active)
 
     @property
     def card_count(self):

@@ -46,9 +46,10 @@ class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
     # How a background checkpoint gets the arrays (docs/ledger.md, "Checkpoints"): "copy" (a
     # memcpy into pre-faulted buffers between batches — 11–15 ms for the demo node's cards and
-    # indexes; its transaction ring copied over the batches that follow) or "replay" (a replica engine replays the journal: no pause, but its
-    # replay competes with the server for the core's caches; on an aged ledger under sustained
-    # load it measured worse than the copy, bench/README.md)
+    # indexes; its transaction ring copied over the batches that follow) or "replay" (a replica
+    # engine replays the journal: no pause, but its replay competes with the server for the
+    # core's caches; on an aged ledger under sustained load it measured worse than the copy,
+    # bench/README.md)
     checkpoint_by: Literal["copy", "replay"] = "copy"
 
 

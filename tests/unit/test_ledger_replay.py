@@ -235,6 +235,15 @@ def test_load_npz_reads_what_np_load_reads_and_refuses_a_torn_file(tmp_path):
 
 
 
+def reversals_of(originals: np.ndarray) -> np.ndarray:
+    """冲正 rows for `originals` (same terminal, batch and STAN; a duplicate key of their own)."""
+    reversals = originals.copy()
+    reversals["cmd"] = Cmd.REVERSAL
+    reversals["idem_key"] ^= np.uint64(0x4000)            # MTI class 04 in the key
+    reversals["content_hash"] = reversals["idem_key"]
+    return reversals
+
+
 @pytest.mark.parametrize("checkpoint_by", ["copy", "replay"])
 def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path, checkpoint_by, monkeypatch):
     """A background checkpoint holds the arrays as they were when `checkpoint(background=True)`
@@ -262,11 +271,7 @@ def test_background_checkpoint_is_the_state_at_its_sequence(tmp_path, checkpoint
             a.reshape(-1).view(np.uint8)[:] = 0xA5
     for name, a in saved.items():
         node.engine.arrays[name][...] = a
-    reversals = q[250:300].copy()                  # of settlements from before the checkpoint
-    reversals["cmd"] = Cmd.REVERSAL
-    reversals["idem_key"] ^= np.uint64(0x4000)
-    reversals["content_hash"] = reversals["idem_key"]
-    answered = node.apply_and_append(reversals, BD)
+    answered = node.apply_and_append(reversals_of(q[250:300]), BD)   # of settlements from before the checkpoint
     assert (answered["code"] == 0x3030).all() and (answered["orig_rrn"] != 0).all()   # each changed its original
     node.apply_and_append(q[300:], BD)
     live = {name: a.tobytes() for name, a in node.engine.arrays.items()}
@@ -292,11 +297,7 @@ def test_a_ring_copy_whose_log_overflows_fails_that_checkpoint_only(tmp_path, mo
     gate = threading.Event()
     monkeypatch.setattr(node_module, "_run_when_idle", gate.wait)
     npz = node.checkpoint(background=True)
-    reversals = q[200:210].copy()                  # ten originals from before the checkpoint
-    reversals["cmd"] = Cmd.REVERSAL
-    reversals["idem_key"] ^= np.uint64(0x4000)
-    reversals["content_hash"] = reversals["idem_key"]
-    assert (node.apply_and_append(reversals, BD)["code"] == 0x3030).all()
+    assert (node.apply_and_append(reversals_of(q[200:210]), BD)["code"] == 0x3030).all()   # ten originals from before
     gate.set()
     node._checkpoint_thread.join()
     assert node.checkpoint_stats["failed"] == 1 and node.checkpoint_stats["by_copy"] == 0
