@@ -2036,6 +2036,59 @@ def rebuild_card_indexes(dict arrays):
                 card_index_set(qt, qmask, person, 1, person[i], <int32_t>i)
 
 
+def rebuild_txn_indexes(dict arrays):
+    """Rebuild the idempotency and reversal indexes from the transaction ring (a checkpoint
+    holds the ring, not the indexes: docs/engine.md, "The transaction indexes, derived").
+
+    The ring's live entries are put back oldest first, as they were first indexed. An entry's
+    `idem_key` / `rev_key` is non-zero only if it was indexed under that key (txn_new,
+    settle_row, the tombstone's set), and entries leave the indexes only when the ring evicts
+    them, oldest first; so each key's owner is the newest live entry carrying it:
+    - idempotency keys are never indexed twice (a key found answers from its entry), so each is
+      carried by one live entry;
+    - a reversal key may be carried by several (a reversible message re-points the key to
+      itself: txn_new over a found bucket; a tombstone: txn_index_set), and the newest owns it.
+      Inserting in RRN order with txn_index_set (overwrite) gives the newest.
+    Backward-shift deletion leaves a linear-probing table as if the deleted keys had never been
+    inserted, so the rebuilt table is in general the live one byte for byte; it differs only in
+    the order within a probe cluster of a reversal key whose first carrier was evicted after a
+    newer one took it over — a layout with the same answers (tests compare the key → position
+    pairs). Returns the number of idempotency keys found on two live entries (0 unless the
+    ring is not one this engine wrote)."""
+    cdef cnp.ndarray idem = arrays["idem_index"], rev = arrays["rev_index"]
+    cdef cnp.ndarray ring = arrays["txns"]
+    cdef State s
+    cdef Txn* txns = <Txn*>_ptr(ring)
+    cdef uint64_t mask = ring.shape[0] - 1
+    cdef uint64_t last = arrays["meta"][0], rrn, first
+    cdef int64_t twice = 0
+    cdef int32_t pos
+    if idem.shape[0] != rev.shape[0] or idem.shape[0] < 2 * ring.shape[0]:
+        raise ValueError(f"rebuild_txn_indexes: indexes of {idem.shape[0]} / {rev.shape[0]} buckets "
+                         f"for a ring of {ring.shape[0]} entries; expecting twice as many")
+    memset(&s, 0, sizeof(State))
+    s.idem_index = <Bucket*>_ptr(idem)
+    s.rev_index = <Bucket*>_ptr(rev)
+    s.txn_index_mask = idem.shape[0] - 1
+    idem.view(np.uint8).fill(0)
+    rev.view(np.uint8).fill(0)
+    idem["pos"] = -1
+    rev["pos"] = -1
+    first = last - mask if last > mask else 1
+    with nogil:
+        for rrn in range(first, last + 1):
+            pos = <int32_t>(rrn & mask)
+            if txns[pos].rrn != rrn:
+                continue                  # freed ahead of the next message (txn_make_room)
+            if txns[pos].idem_key != 0:
+                if txn_index_find(&s, 0, txns[pos].idem_key) >= 0:
+                    twice += 1
+                txn_index_set(&s, 0, txns[pos].idem_key, pos)
+            if txns[pos].rev_key != 0:
+                txn_index_set(&s, 1, txns[pos].rev_key, pos)
+    return twice
+
+
 def hash_rows(cnp.ndarray[cnp.uint8_t, ndim=2] rows not None, bytes key16 not None):
     """SipHash-2-4 of each row of a C-contiguous (n, width) uint8 array (ASCII text of fixed
     width: 社会保障号码, PANs). Returns uint64 hashes."""

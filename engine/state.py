@@ -69,10 +69,26 @@ _TXN_DTYPE_168 = np.dtype([
 ])
 
 
+# Arrays a checkpoint does not hold: derived from the others and rebuilt when the arrays are
+# loaded (upgrade_arrays). The two transaction indexes are 64 bytes per ring entry (67 MB of
+# the demo node's 247 MB) written at random, so a checkpoint's copy could not be spread over
+# the batches as the ring's is; rebuilt from the ring they cost the loop nothing
+# (docs/engine.md, "The transaction indexes, derived").
+DERIVED_ARRAYS = ("idem_index", "rev_index")
+
+
+def index_content(table: np.ndarray) -> np.ndarray:
+    """A transaction index's used buckets sorted by key: what it answers, whatever its layout
+    (each key is in an index once; two layouts of the same buckets answer alike)."""
+    used = table[table["pos"] >= 0]
+    return used[np.argsort(used["key"], kind="stable")]
+
+
 def upgrade_arrays(arrays: dict) -> dict:
-    """Arrays saved by an older build (a checkpoint) in today's layout, in place: the separate
-    `years`, `payer_slot` and `pvv_social` columns folded into `side`, and a 168-byte
-    transaction ring rewritten field by field as today's 160-byte entries. Others unchanged."""
+    """Arrays saved by an older build or a checkpoint in today's layout, in place: the separate
+    `years`, `payer_slot` and `pvv_social` columns folded into `side`, a 168-byte transaction
+    ring rewritten field by field as today's 160-byte entries, and the transaction indexes
+    (DERIVED_ARRAYS) rebuilt from the ring when absent. Others unchanged."""
     if "side" not in arrays and "years" in arrays:
         side = np.zeros(arrays["years"].shape[0], dtype=CARD_SIDE_DTYPE)
         for name in ("admissions", "acc_year", "expiry_yymm"):
@@ -88,6 +104,13 @@ def upgrade_arrays(arrays: dict) -> dict:
             if name in old.dtype.names and name != "reserved0":   # new: pin_outcome (0 = not kept)
                 txns[name] = old[name]
         arrays["txns"] = txns
+    if "txns" in arrays and not all(name in arrays for name in DERIVED_ARRAYS):
+        arrays.update({name: _empty_buckets(2 * arrays["txns"].shape[0]) for name in DERIVED_ARRAYS})
+        twice = _core.rebuild_txn_indexes(arrays)
+        if twice:
+            raise ConfigError(f"the transaction ring holds {twice} idempotency key(s) on two live entries: "
+                              "these arrays were not written by this engine. Remedy: move that checkpoint "
+                              "(and its .json) out of checkpoints/; the node then recovers from an older one")
     return arrays
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from yikatong.engine import Engine
 from yikatong.engine.config import NodeConfig
+from yikatong.engine.state import DERIVED_ARRAYS
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
 from .records import (KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, journaled_capacity, marker_record,
@@ -518,17 +519,21 @@ class Node:
         The transaction ring (168 MB of the demo node's 247) is not copied here: its copy is
         begun (Core.ring_snapshot_begin) and spread over the next batches, each copying the
         entries it may overwrite before it runs, and the checkpoint thread copying the rest
-        (`_copied`). The pause is the cards, the indexes and the small arrays."""
+        (`_copied`). The transaction indexes are not copied at all: a checkpoint does not hold
+        them (DERIVED_ARRAYS, rebuilt from the ring on load). The pause is the cards, their
+        indexes and the small arrays."""
         if self._snapshot_warm is not None:
             self._snapshot_warm.join()
         buffers = self._snapshot_buffers
         for name, array in self.engine.arrays.items():
+            if name in DERIVED_ARRAYS:
+                continue
             buffer = buffers.get(name)
             if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
                 buffer = buffers[name] = np.empty_like(array)      # the engine grew this array
             if name != "txns":
                 raw_copy(buffer, array)
-        for name in set(buffers) - set(self.engine.arrays):
+        for name in set(buffers) - (set(self.engine.arrays) - set(DERIVED_ARRAYS)):
             del buffers[name]
         if self._ring_log is None:
             self._ring_log = (np.zeros(RING_SNAPSHOT_LOG_ENTRIES, dtype=self.engine.arrays["txns"].dtype),
@@ -546,6 +551,8 @@ class Node:
     def _warm_snapshot(self, arrays: dict):
         # a benign race: this reads arrays the engine may be writing; only the pages matter here
         for name, array in arrays.items():
+            if name in DERIVED_ARRAYS:
+                continue
             buffer = np.empty_like(array)
             raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
             self._snapshot_buffers[name] = buffer
@@ -683,8 +690,10 @@ def _shapes(arrays: dict) -> dict:
 def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_hash: bytes,
                       how: str = "") -> str:
     """The checkpoint file and, last, its .json (a checkpoint without it is ignored). `how`:
-    what the log line says made the arrays (the replica's replay, a copy)."""
+    what the log line says made the arrays (the replica's replay, a copy). The derived arrays
+    (DERIVED_ARRAYS: the transaction indexes) are left out; loading rebuilds them."""
     t0 = time.perf_counter()
+    arrays = {name: array for name, array in arrays.items() if name not in DERIVED_ARRAYS}
     os.makedirs(folder, exist_ok=True)
     name = f"ckpt-{seq:020d}"
     npz = os.path.join(folder, name + ".npz")
