@@ -46,8 +46,9 @@ class NodeSettings(msgspec.Struct, forbid_unknown_fields=True):
     checkpoint_every_records: int = 1_000_000
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
     # How a background checkpoint gets the arrays (docs/ledger.md, "Checkpoints"): "copy" (a
-    # memcpy into pre-faulted buffers between batches — 11–15 ms for the demo node's cards and
-    # indexes; its transaction ring copied over the batches that follow) or "replay" (a replica
+    # memcpy into pre-faulted buffers between batches — 2–3 ms for the demo node's cards; its
+    # transaction ring copied over the batches that follow, its transaction indexes not at all:
+    # rebuilt from the ring on load) or "replay" (a replica
     # engine replays the journal: no pause, but its replay competes with the server for the
     # core's caches; on an aged ledger under sustained load it measured worse than the copy,
     # bench/README.md)
@@ -445,8 +446,9 @@ class Node:
         background (`background=True`, the server's way) the file is written by a SCHED_IDLE
         thread while batches go on, from arrays made as `settings.checkpoint_by` says:
         - "copy" (the default): the live arrays copied here, between batches, into buffers
-          pre-faulted at start-up (11–15 ms for the demo node), the transaction ring excepted:
+          pre-faulted at start-up (2–3 ms for the demo node), the transaction ring excepted:
           its copy is begun here and made by the batches that follow and the thread (_snapshot);
+          the transaction indexes are not in a checkpoint (rebuilt from the ring on load);
         - "replay": nothing of the live engine is copied; the thread brings the node's replica
           engine up to this sequence by replaying the committed journal through the same apply
           (every replayed result compared with the journal's, as recovery does) and writes the
