@@ -23,7 +23,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from yikatong.engine import Engine
+from yikatong.engine import ConfigError, Engine
 from yikatong.engine.config import NodeConfig
 from yikatong.engine.state import DERIVED_ARRAYS
 
@@ -247,7 +247,11 @@ class Node:
             raise CorruptLedgerError(f"checkpoint {meta['file']}: content hash {digest[:16]}…, expected "
                                      f"{expected[:16]}… (torn or altered). Remedy: move it (and its "
                                      f".json) out of checkpoints/; the node then recovers from an older one")
-        return Engine(settings.config, arrays=arrays), int(meta["seq"]), batch_no, chain_hash
+        try:
+            engine = Engine(settings.config, arrays=arrays)     # rebuilds the transaction indexes
+        except ConfigError as e:
+            raise CorruptLedgerError(f"checkpoint {meta['file']}: {e}") from None
+        return engine, int(meta["seq"]), batch_no, chain_hash
 
     def _replay_tail(self, after_batch_no: int, checkpoint_hash: bytes, headers: np.ndarray, chain: "ChainCheck"):
         """Check the tail's hash chain and replay the batches after the checkpoint, at once: the

@@ -240,6 +240,32 @@ def test_checkpoints_hashed_with_blake2b_before_sha256_still_recover(node_dir, t
         verify(node_dir)
 
 
+def test_checkpoint_whose_ring_holds_a_key_twice_is_refused(node_dir, tmp_path):
+    """The transaction indexes are rebuilt from a checkpoint's ring; a ring holding one
+    idempotency key on two live entries (a file altered and its .json hash forged to match) is
+    not one this engine wrote: Node.open refuses it with the remedy, verify names it."""
+    from yikatong.ledger.node import file_digest, load_npz, save_npz
+    copy = corrupt_copy(node_dir, tmp_path)
+    meta_path = Node._checkpoints(copy)[-1]
+    meta = json.load(open(meta_path))
+    npz = os.path.join(os.path.dirname(meta_path), meta["file"])
+    arrays = load_npz(npz)
+    assert "idem_index" not in arrays and "rev_index" not in arrays      # derived: not in the file
+    ring, last = arrays["txns"], int(arrays["meta"][0])
+    mask = ring.shape[0] - 1
+    assert ring[last & mask]["idem_key"] != 0 and ring[(last - 1) & mask]["idem_key"] != 0
+    ring[last & mask]["idem_key"] = ring[(last - 1) & mask]["idem_key"]
+    with open(npz, "wb") as f:
+        save_npz(f, arrays)
+    meta["file_sha256"] = file_digest(npz, "sha256")
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(CorruptLedgerError, match=r"ckpt-0+6309\.npz: the transaction ring holds 1 idempotency key\(s\) "
+                                                 r"on two live entries.*Remedy: move that checkpoint"):
+        Node.open(copy)
+    with pytest.raises(VerifyError, match=r"broken at sequence 6309: checkpoint's ring: expected a ring this engine wrote"):
+        verify(copy)
+
+
 def test_checkpoint_that_disagrees_with_the_chain_is_refused(node_dir, tmp_path):
     copy = corrupt_copy(node_dir, tmp_path)
     meta_path = Node._checkpoints(copy)[-1]
