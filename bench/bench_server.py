@@ -15,10 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 
 
 from bench.conftest import size
+from bench.scripts.metrics_diff import at_most, histograms
 
 CARDS = 100_000
 
@@ -40,14 +40,7 @@ def start(cmd, cwd=None, env=None):
 
 def reply_histogram(metrics_port: int) -> dict:
     """The server's yikatong_reply_latency_ms buckets (cumulative counts by upper bound, ms)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    buckets = {}
-    for line in text.splitlines():
-        if line.startswith('yikatong_reply_latency_ms_bucket{le="'):
-            le = line.split('"')[1]
-            buckets[float("inf") if le == "+Inf" else float(le)] = int(line.rsplit(" ", 1)[1])
-    return buckets
+    return histograms(metrics_port)["yikatong_reply_latency_ms"]["buckets"]
 
 
 def server_side(before: dict, after: dict) -> dict:
@@ -56,7 +49,7 @@ def server_side(before: dict, after: dict) -> dict:
     percentile."""
     delta = {le: after[le] - before.get(le, 0) for le in after}
     total = max(1, delta[float("inf")])
-    p99_le = next(le for le in sorted(delta) if delta[le] >= 0.99 * total)
+    p99_le = at_most(delta, total, 0.99)
     return {"le5_pct": round(100 * delta.get(5.0, 0) / total, 2), "le10_pct": round(100 * delta.get(10.0, 0) / total, 2),
             "p99_at_most_ms": p99_le}
 

@@ -77,6 +77,11 @@ _TXN_DTYPE_168 = np.dtype([
 DERIVED_ARRAYS = ("idem_index", "rev_index")
 
 
+def saved_arrays(arrays: dict) -> dict:
+    """The arrays a checkpoint holds: all but DERIVED_ARRAYS."""
+    return {name: array for name, array in arrays.items() if name not in DERIVED_ARRAYS}
+
+
 def index_content(table: np.ndarray) -> np.ndarray:
     """A transaction index's used buckets sorted by key: what it answers, whatever its layout
     (each key is in an index once; two layouts of the same buckets answer alike)."""
@@ -105,7 +110,8 @@ def upgrade_arrays(arrays: dict) -> dict:
                 txns[name] = old[name]
         arrays["txns"] = txns
     if "txns" in arrays and not all(name in arrays for name in DERIVED_ARRAYS):
-        arrays.update({name: _empty_buckets(2 * arrays["txns"].shape[0]) for name in DERIVED_ARRAYS})
+        # uninitialised: rebuild_txn_indexes clears them before it fills them
+        arrays.update({name: np.empty(2 * arrays["txns"].shape[0], dtype=BUCKET_DTYPE) for name in DERIVED_ARRAYS})
         twice = _core.rebuild_txn_indexes(arrays)
         if twice:
             raise ConfigError(f"the transaction ring holds {twice} idempotency key(s) on two live entries: "

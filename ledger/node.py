@@ -25,7 +25,7 @@ import numpy as np
 
 from yikatong.engine import ConfigError, Engine
 from yikatong.engine.config import NodeConfig
-from yikatong.engine.state import DERIVED_ARRAYS
+from yikatong.engine.state import saved_arrays
 
 from .journal import CorruptLedgerError, Journal, LedgerError, batch_hash, MAP_SIZE_BYTES_DEFAULT
 from .records import (KIND_CAPACITY, KIND_CUTOVER, RECORD_DTYPE, journaled_capacity, marker_record,
@@ -526,20 +526,19 @@ class Node:
         begun (Core.ring_snapshot_begin) and spread over the next batches, each copying the
         entries it may overwrite before it runs, and the checkpoint thread copying the rest
         (`_copied`). The transaction indexes are not copied at all: a checkpoint does not hold
-        them (DERIVED_ARRAYS, rebuilt from the ring on load). The pause is the cards, their
+        them (state.DERIVED_ARRAYS, rebuilt from the ring on load). The pause is the cards, their
         indexes and the small arrays."""
         if self._snapshot_warm is not None:
             self._snapshot_warm.join()
         buffers = self._snapshot_buffers
-        for name, array in self.engine.arrays.items():
-            if name in DERIVED_ARRAYS:
-                continue
+        saved = saved_arrays(self.engine.arrays)
+        for name, array in saved.items():
             buffer = buffers.get(name)
             if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
                 buffer = buffers[name] = np.empty_like(array)      # the engine grew this array
             if name != "txns":
                 raw_copy(buffer, array)
-        for name in set(buffers) - (set(self.engine.arrays) - set(DERIVED_ARRAYS)):
+        for name in set(buffers) - set(saved):
             del buffers[name]
         if self._ring_log is None:
             self._ring_log = (np.zeros(RING_SNAPSHOT_LOG_ENTRIES, dtype=self.engine.arrays["txns"].dtype),
@@ -556,9 +555,7 @@ class Node:
 
     def _warm_snapshot(self, arrays: dict):
         # a benign race: this reads arrays the engine may be writing; only the pages matter here
-        for name, array in arrays.items():
-            if name in DERIVED_ARRAYS:
-                continue
+        for name, array in saved_arrays(arrays).items():
             buffer = np.empty_like(array)
             raw_copy(buffer, array)            # touches every page (numpy releases the GIL)
             self._snapshot_buffers[name] = buffer
@@ -697,9 +694,9 @@ def _write_checkpoint(folder: str, arrays: dict, seq: int, batch_no: int, chain_
                       how: str = "") -> str:
     """The checkpoint file and, last, its .json (a checkpoint without it is ignored). `how`:
     what the log line says made the arrays (the replica's replay, a copy). The derived arrays
-    (DERIVED_ARRAYS: the transaction indexes) are left out; loading rebuilds them."""
+    (state.DERIVED_ARRAYS: the transaction indexes) are left out; loading rebuilds them."""
     t0 = time.perf_counter()
-    arrays = {name: array for name, array in arrays.items() if name not in DERIVED_ARRAYS}
+    arrays = saved_arrays(arrays)
     os.makedirs(folder, exist_ok=True)
     name = f"ckpt-{seq:020d}"
     npz = os.path.join(folder, name + ".npz")

@@ -8,7 +8,7 @@ import pytest
 from yikatong.cardfiles import FileFormatError, HolderNames, allocate, disburse, import_issuance
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.demo import citizen_check_char, generated_pans
-from yikatong.engine.state import DERIVED_ARRAYS
+from yikatong.engine.state import saved_arrays
 from yikatong.ledger.node import Node
 from yikatong.ledger.verify import verify
 from yikatong.nodes import init_demo_node
@@ -254,7 +254,7 @@ def test_import_beyond_capacity_is_journaled_and_the_node_restarts(tmp_path):
         assert node.checkpoint_seq == 0                               # recovered from genesis
         assert {name: a.tobytes() for name, a in node.engine.arrays.items()} == live
         # a checkpoint holds every array but the derived ones (rebuilt when loaded)
-        at = {name: a.tobytes() for name, a in node.engine.arrays.items() if name not in DERIVED_ARRAYS}
+        at = {name: a.tobytes() for name, a in saved_arrays(node.engine.arrays).items()}
         npz = node.checkpoint(background=True)
         node._checkpoint_thread.join()
         assert node.checkpoint_stats == {"by_replay": 1, "by_copy": 0, "failed": 0,

@@ -17,7 +17,7 @@ from yikatong.engine import Cmd, ConfigError, Engine
 from yikatong.engine import _core
 from yikatong.engine.builders import request
 from yikatong.engine.demo import demo_config
-from yikatong.engine.state import DERIVED_ARRAYS, index_content
+from yikatong.engine.state import DERIVED_ARRAYS, index_content, saved_arrays
 
 from test_engine_model import KEYS, PANS, DATES, batches, op                 # same folder
 from test_engine_ring_snapshot import engine_with_genesis, targeted, TARGETED
@@ -31,8 +31,7 @@ def index_pairs(engine, name):
 
 def loaded_from(engine):
     """An engine made as a checkpoint load makes it: the arrays without the derived ones."""
-    arrays = {name: a.copy() for name, a in engine.arrays.items() if name not in DERIVED_ARRAYS}
-    return Engine(demo_config(), arrays=arrays)
+    return Engine(demo_config(), arrays={name: a.copy() for name, a in saved_arrays(engine.arrays).items()})
 
 
 def assert_same_indexes(live, loaded):
@@ -97,9 +96,8 @@ def test_indexes_rebuilt_from_the_ring_answer_as_the_live_ones(ops, cuts, load_a
                     if a[i]["code"] == 0x3030 and requests[i]["cmd"] != Cmd.REVERSAL)
         b += 1
     if loaded is not None:
-        for name in live.arrays:
-            if name not in DERIVED_ARRAYS:
-                assert loaded.arrays[name].tobytes() == live.arrays[name].tobytes(), name
+        for name in saved_arrays(live.arrays):
+            assert loaded.arrays[name].tobytes() == live.arrays[name].tobytes(), name
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,7 +158,7 @@ def test_a_ring_holding_one_idempotency_key_twice_is_refused():
     for k in range(2):
         q = request(live, KEYS, Cmd.BALANCE, pan=PANS[1], terminal="T0000003", stan=200 + k, pin="888888")
         assert live.apply_batch(q, business_date=20261124)["code"][0] == 0x3030
-    arrays = {name: a.copy() for name, a in live.arrays.items() if name not in DERIVED_ARRAYS}
+    arrays = {name: a.copy() for name, a in saved_arrays(live.arrays).items()}
     last = int(arrays["meta"][0])
     arrays["txns"][last & 15]["idem_key"] = arrays["txns"][(last - 1) & 15]["idem_key"]
     with pytest.raises(ConfigError, match="1 idempotency key"):

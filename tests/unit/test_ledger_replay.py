@@ -15,7 +15,7 @@ from tests.ledger_faults import flip_byte_in_file
 from yikatong.engine import Cmd
 from yikatong.engine.cardkeys import CardKeys, DEMO_DATA_KEY
 from yikatong.engine.demo import demo_engine
-from yikatong.engine.state import DERIVED_ARRAYS
+from yikatong.engine.state import saved_arrays
 from yikatong.engine.workload import generated_pan_hashes, medical_settlements
 from yikatong.ledger.journal import CorruptLedgerError, Journal
 from yikatong.ledger import node as node_module
@@ -322,7 +322,7 @@ def arrays_bytes(arrays: dict) -> dict:
 def assert_file_holds(npz: str, at: dict) -> None:
     """The checkpoint file holds the arrays `at` byte for byte, but for the derived ones, which
     it leaves out (loading rebuilds them: assert_recovers_from_checkpoint compares those)."""
-    assert arrays_bytes(load_npz(npz)) == {name: b for name, b in at.items() if name not in DERIVED_ARRAYS}
+    assert arrays_bytes(load_npz(npz)) == saved_arrays(at)
 
 
 def background_checkpoint(node) -> tuple[str, dict]:
